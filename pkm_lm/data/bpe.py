@@ -1,0 +1,111 @@
+"""fastBPE: learn codes with its C++ `fast learnbpe` tool, apply them with its Python API.
+
+fastBPE calls exit(1) on a file it cannot open, which would kill the whole Python process
+(and a training job with it), so every path is checked here before fastBPE sees it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+from .shards import atomic_write_bytes
+
+BPE_SUFFIX = "@@"
+
+
+def find_fast_binary() -> Path:
+    """The fastBPE command-line tool: $PKM_FASTBPE, else `fast` beside sys.executable, else PATH."""
+    env = os.environ.get("PKM_FASTBPE")
+    if env:
+        path = Path(env)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise FileNotFoundError(f"PKM_FASTBPE={env} is not an executable file")
+        return path
+    beside = Path(sys.executable).parent / "fast"
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    on_path = shutil.which("fast")
+    if on_path:
+        return Path(on_path)
+    raise FileNotFoundError(
+        f"fastBPE's `fast` tool was not found (looked at $PKM_FASTBPE, {beside} and PATH); "
+        "run `make setup`, which builds it into .venv/bin/fast"
+    )
+
+
+def check_readable(path: str | os.PathLike, what: str) -> Path:
+    """Raise a clear error unless `path` is a non-empty readable file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    if not os.access(path, os.R_OK):
+        raise PermissionError(f"{what} {path} is not readable")
+    if path.stat().st_size == 0:
+        raise ValueError(f"{what} {path} is empty")
+    return path
+
+
+def learn_codes(text_path: str | os.PathLike, codes_path: str | os.PathLike, n_codes: int) -> int:
+    """Learn `n_codes` merges on a tokenised text file; returns the number of codes written."""
+    if n_codes < 1:
+        raise ValueError(f"bpe.n_codes={n_codes} must be >= 1")
+    check_readable(text_path, "BPE training text")
+    cmd = [str(find_fast_binary()), "learnbpe", str(n_codes), str(text_path)]
+    result = subprocess.run(cmd, capture_output=True, check=False)
+    if result.returncode != 0:
+        raise RuntimeError(
+            f"`{' '.join(cmd)}` failed ({result.returncode}): {result.stderr.decode(errors='replace')[-2000:]}"
+        )
+    atomic_write_bytes(codes_path, result.stdout)
+    return result.stdout.count(b"\n")
+
+
+class BPEApplier:
+    """Applies codes (restricted to `vocab` when given, as XLM does for valid/test)."""
+
+    def __init__(self, codes_path: str | os.PathLike, vocab_path: str | os.PathLike | None = None):
+        import fastBPE  # C extension, imported where used
+
+        check_readable(codes_path, "BPE codes file")
+        if vocab_path is not None:
+            check_readable(vocab_path, "BPE vocabulary file")
+        self._bpe = fastBPE.fastBPE(str(codes_path), str(vocab_path) if vocab_path else "")
+
+    def apply(self, lines: list[str]) -> list[str]:
+        return self._bpe.apply(lines)
+
+
+def count_tokens(lines: list[str]) -> Counter:
+    counts: Counter = Counter()
+    for line in lines:
+        counts.update(line.split())
+    return counts
+
+
+def write_vocab(path: str | os.PathLike, counts: Counter) -> None:
+    """fastBPE's vocab format: `token count` per line, most frequent first (ties by token)."""
+    items = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    atomic_write_bytes(path, "".join(f"{t} {c}\n" for t, c in items).encode("utf-8"))
+
+
+def read_vocab(path: str | os.PathLike) -> list[str]:
+    """Tokens of a fastBPE vocab file, in file order."""
+    check_readable(path, "vocabulary file")
+    tokens = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            parts = line.rstrip("\n").split(" ")
+            if len(parts) != 2 or not parts[0] or not parts[1].isdigit():
+                raise ValueError(f"{path}:{n}: expected `token count`, got {line.rstrip()!r}")
+            tokens.append(parts[0])
+    return tokens
+
+
+def join_bpe(text: str) -> str:
+    """Undo BPE segmentation: "hel@@ lo" -> "hello"."""
+    return text.replace(BPE_SUFFIX + " ", "").removesuffix(BPE_SUFFIX)
