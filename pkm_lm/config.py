@@ -1,0 +1,295 @@
+"""Structured configs of the trainer, registered in Hydra's ConfigStore.
+
+Every dataclass validates itself in ``__post_init__`` (run by ``OmegaConf.to_object``), so a bad
+override fails before any data is read or any model is built, with an error that names the
+field, the value and what is allowed. Memory layer indices count from 1, as the paper words it
+("L=16, N=2 -> layers 6 and 12", "layer 1 is worst"): ``model.memory.layers=[4]`` is the 4th block.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from pkm_lm.memory import MemoryConfig
+
+
+def _check_choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive integer")
+
+
+def _check_probability(name: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{name}={value!r} must be in [0, 1)")
+
+
+def spread_evenly(n_layers: int, count: int) -> list[int]:
+    """1-based positions of ``count`` memories in ``n_layers`` blocks, as the paper spreads them.
+
+    Spacing ceil(L / (N + 1)): L=16, N=2 -> [6, 12]; L=12, N=1 -> [6]; L=12, N=3 -> [3, 6, 9].
+    """
+    if count == 0:
+        return []
+    step = math.ceil(n_layers / (count + 1))
+    positions = [i * step for i in range(1, count + 1)]
+    if positions[-1] > n_layers:
+        raise ValueError(
+            f"model.memory.count={count} cannot be spread evenly over model.n_layers={n_layers} "
+            f"(positions {positions}); list them explicitly with model.memory.layers=[...]"
+        )
+    return positions
+
+
+@dataclass
+class MemoryPlacementConfig(MemoryConfig):
+    """The memory layer's own settings plus where it goes in the Transformer.
+
+    ``layers`` (explicit 1-based block indices) and ``count`` (N memories spread evenly) are
+    alternatives; with both empty the model has no memory. ``position=replace`` puts the memory in
+    place of the block's FFN, ``add`` inserts it after the whole block (XLM's ``4+`` syntax).
+    """
+
+    # Row-sparse value gradients + LazyAdam by default: they touch only the rows read.
+    sparse_grad: bool = True
+    layers: list[int] = field(default_factory=list)
+    count: int = 0
+    position: str = "replace"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("model.memory.position", self.position, ("replace", "add"))
+        if self.count < 0:
+            raise ValueError(f"model.memory.count={self.count} must be >= 0")
+        if self.count and self.layers:
+            raise ValueError(
+                f"model.memory.layers={list(self.layers)} and model.memory.count={self.count} "
+                "are alternatives: set only one"
+            )
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"model.memory.layers={list(self.layers)} has duplicate indices")
+
+
+@dataclass
+class ModelConfig:
+    n_layers: int = 6
+    dim: int = 512
+    n_heads: int = 8
+    ffn_mult: int = 4
+    dropout: float = 0.1
+    attn_dropout: float = 0.1
+    # Pre-norm by default: it trains stably without a long warmup at every depth we test; the
+    # paper's XLM used post-norm, available as norm=post.
+    norm: str = "pre"
+    # None: taken from the dataset's manifest when training; set it to build without data.
+    vocab_size: int | None = None
+    # Rows of the positional embedding; None: data.seq_len (filled in by TrainConfig).
+    max_seq_len: int | None = None
+    memory: MemoryPlacementConfig = field(default_factory=MemoryPlacementConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "dim", "n_heads", "ffn_mult"):
+            _check_positive(f"model.{name}", getattr(self, name))
+        for name in ("vocab_size", "max_seq_len"):
+            if getattr(self, name) is not None:
+                _check_positive(f"model.{name}", getattr(self, name))
+        if self.dim % self.n_heads:
+            raise ValueError(
+                f"model.n_heads={self.n_heads} must divide model.dim={self.dim} "
+                f"(divisors: {[h for h in range(1, self.dim + 1) if self.dim % h == 0][:12]}...)"
+            )
+        _check_probability("model.dropout", self.dropout)
+        _check_probability("model.attn_dropout", self.attn_dropout)
+        _check_choice("model.norm", self.norm, ("pre", "post"))
+        bad = [i for i in self.memory.layers if not 1 <= i <= self.n_layers]
+        if bad:
+            raise ValueError(
+                f"model.memory.layers={list(self.memory.layers)}: indices {bad} out of range; "
+                f"layers count from 1 to model.n_layers={self.n_layers}"
+            )
+        if self.memory.count > self.n_layers:
+            raise ValueError(
+                f"model.memory.count={self.memory.count} exceeds model.n_layers={self.n_layers}"
+            )
+        spread_evenly(self.n_layers, self.memory.count)  # raises if it cannot be placed
+
+    @property
+    def memory_layers(self) -> list[int]:
+        """Sorted 1-based indices of the blocks that carry a memory."""
+        if self.memory.layers:
+            return sorted(self.memory.layers)
+        return spread_evenly(self.n_layers, self.memory.count)
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/bin/books"
+    seq_len: int = 256
+    # Chunk-level shuffling; the paper keeps document order (long-range context).
+    shuffle: bool = False
+
+    def __post_init__(self) -> None:
+        _check_positive("data.seq_len", self.seq_len)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2.5e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    warmup_steps: int = 4000
+    # Memory values: their own optimiser at a constant lr, as the reference (XLM) does.
+    value_lr: float = 1e-3
+    # lazy_adam: row-sparse updates of the touched value rows (needs model.memory.sparse_grad for
+    # its speed); adam: torch's dense Adam as XLM, needs model.memory.sparse_grad=false.
+    value_optimizer: str = "lazy_adam"
+    # Max global gradient norm (all parameters, sparse value gradients included); 0 disables.
+    clip_norm: float = 5.0
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0 or self.value_lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} and optim.value_lr={self.value_lr} must be > 0")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
+        if self.warmup_steps < 0:
+            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
+        if self.clip_norm < 0:
+            raise ValueError(f"optim.clip_norm={self.clip_norm} must be >= 0 (0 disables)")
+        _check_choice("optim.value_optimizer", self.value_optimizer, ("lazy_adam", "adam"))
+
+
+@dataclass
+class TrainLoopConfig:
+    batch_size: int = 32  # global sequences per optimizer step, over all ranks and micro-steps
+    micro_batch_size: int | None = None  # per rank and forward; None: batch_size / world size
+    eval_batch_size: int | None = None  # per rank; None: the micro batch size
+    max_steps: int = 1000
+    eval_interval: int = 500
+    checkpoint_interval: int = 500
+    log_interval: int = 10
+    seed: int = 0
+    precision: str = "fp32"
+    keep_checkpoints: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "max_steps", "eval_interval", "checkpoint_interval"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        for name in ("log_interval", "keep_checkpoints"):
+            _check_positive(f"train.{name}", getattr(self, name))
+        for name in ("micro_batch_size", "eval_batch_size"):
+            if getattr(self, name) is not None:
+                _check_positive(f"train.{name}", getattr(self, name))
+        _check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+
+    def micro_steps(self, world_size: int) -> tuple[int, int]:
+        """(micro batch size per rank, micro-steps per optimizer step) for this world size."""
+        if self.batch_size % world_size:
+            raise ValueError(
+                f"train.batch_size={self.batch_size} cannot be split over {world_size} processes: "
+                f"use a multiple of {world_size}"
+            )
+        per_rank = self.batch_size // world_size
+        micro = self.micro_batch_size or per_rank
+        if per_rank % micro:
+            raise ValueError(
+                f"train.micro_batch_size={micro} must divide the per-process batch "
+                f"train.batch_size / world_size = {self.batch_size} / {world_size} = {per_rank}"
+            )
+        return micro, per_rank // micro
+
+
+@dataclass
+class DistributedConfig:
+    # Query BatchNorm statistics over the global batch (all ranks); false keeps them per rank as
+    # the reference did.
+    sync_bn: bool = True
+    # None: nccl on CUDA, gloo on CPU.
+    backend: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("distributed.backend", self.backend, (None, "gloo", "nccl"))
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = "console"
+    project: str = "pkm-lm"
+    mode: str = "offline"  # wandb mode: offline needs no login and no network
+
+    def __post_init__(self) -> None:
+        _check_choice("logger.kind", self.kind, ("console", "wandb"))
+        _check_choice("logger.mode", self.mode, ("offline", "online", "disabled"))
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainLoopConfig = field(default_factory=TrainLoopConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def __post_init__(self) -> None:
+        if self.model.max_seq_len is None:
+            self.model.max_seq_len = self.data.seq_len
+        if self.model.max_seq_len < self.data.seq_len:
+            raise ValueError(
+                f"model.max_seq_len={self.model.max_seq_len} < data.seq_len={self.data.seq_len}"
+            )
+        if self.optim.value_optimizer == "adam" and self.model.memory.sparse_grad:
+            raise ValueError(
+                "optim.value_optimizer=adam cannot take sparse gradients: set "
+                "model.memory.sparse_grad=false, or use optim.value_optimizer=lazy_adam"
+            )
+
+
+@dataclass
+class EvaluateConfig:
+    run_dir: str = "???"
+    split: str = "test"
+    batch_size: int | None = None  # per rank; None: the run's eval batch size
+    checkpoint: str | None = None  # None: the newest complete checkpoint of the run
+
+
+@dataclass
+class GenerateConfig:
+    run_dir: str = "???"
+    prompt: str = ""
+    max_new_tokens: int = 100
+    temperature: float = 0.8
+    top_k: int | None = 40
+    num_samples: int = 1
+    seed: int = 0
+    checkpoint: str | None = None
+
+    def __post_init__(self) -> None:
+        _check_positive("max_new_tokens", self.max_new_tokens)
+        _check_positive("num_samples", self.num_samples)
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0")
+        if self.top_k is not None:
+            _check_positive("top_k", self.top_k)
+
+
+def register_configs() -> None:
+    """Make the schemas available to the YAML files in ``configs/`` (``defaults: [base_*]``)."""
+    cs = ConfigStore.instance()
+    cs.store(name="base_train", node=TrainConfig)
+    cs.store(name="base_evaluate", node=EvaluateConfig)
+    cs.store(name="base_generate", node=GenerateConfig)
+
+
+def to_train_config(cfg: Any) -> TrainConfig:
+    """Resolve and validate a composed DictConfig into the dataclass tree."""
+    return OmegaConf.to_object(cfg)

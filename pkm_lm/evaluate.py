@@ -1,0 +1,150 @@
+"""Perplexity, memory usage/KL and inference speed over a whole split.
+
+    python -m pkm_lm.evaluate run_dir=runs/tiny_1mem split=test
+
+prints the result and appends an ``{"kind": "eval", ...}`` record to ``run_dir/metrics.jsonl``.
+``evaluate_split`` is the same pass the trainer runs on the validation split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import hydra
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from pkm_lm.checkpoint import latest_checkpoint, load_checkpoint
+from pkm_lm.config import EvaluateConfig, TrainConfig, register_configs
+from pkm_lm.data import eval_batches, open_split
+from pkm_lm.distributed import DistEnv, all_reduce_sum, cleanup_distributed, init_distributed
+from pkm_lm.memory import MemoryStats
+from pkm_lm.metrics import MetricLogger, format_eval_line, safe_ppl
+from pkm_lm.model import TransformerLM, build_model
+
+register_configs()
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast(device: torch.device, precision: str):
+    """Mixed-precision context for ``train.precision`` (fp32: no autocast)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
+
+
+def attach_memory_stats(model: TransformerLM) -> dict[int, MemoryStats]:
+    """Give every memory a fresh accumulator (its forward then records reads); 1-based keys."""
+    stats = {}
+    for layer, mem in model.memories.items():
+        stats[layer] = mem.stats = MemoryStats(mem.config.n_slots, device=mem.values.weight.device)
+    return stats
+
+
+def detach_memory_stats(model: TransformerLM) -> None:
+    for mem in model.memories.values():
+        mem.stats = None
+
+
+@torch.no_grad()
+def evaluate_split(
+    model: TransformerLM,
+    tokens,
+    seq_len: int,
+    batch_size: int,
+    env: DistEnv,
+    precision: str,
+    desc: str = "eval",
+) -> dict:
+    """One pass over ``tokens`` split across ranks: loss, ppl, tokens/s and memory metrics."""
+    was_training = model.training
+    model.eval()
+    stats = attach_memory_stats(model)
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=env.device)  # [sum loss, n targets]
+    start = time.perf_counter()
+    n_batches = math.ceil(max(len(tokens) - 1, 0) / seq_len / batch_size)
+    batches = eval_batches(tokens, seq_len, batch_size, env.rank, env.world_size)
+    for batch in tqdm(
+        batches,
+        desc=desc,
+        total=n_batches // env.world_size,
+        leave=False,
+        disable=None if env.is_main else True,
+    ):
+        batch = batch.to(env.device, non_blocking=True)
+        x, y = batch[:, :-1], batch[:, 1:]
+        with autocast(env.device, precision):
+            logits = model(x)
+        loss_sum[0] += F.cross_entropy(
+            logits.float().flatten(0, 1), y.flatten(), reduction="sum"
+        ).double()
+        loss_sum[1] += y.numel()
+    all_reduce_sum(loss_sum)
+    elapsed = time.perf_counter() - start
+    detach_memory_stats(model)
+    memory = {}
+    for layer, s in stats.items():
+        s.all_reduce()
+        memory[str(layer)] = s.compute()
+    model.train(was_training)
+    loss = (loss_sum[0] / loss_sum[1].clamp_min(1)).item()
+    return {
+        "loss": loss,
+        "ppl": safe_ppl(loss),
+        "n_tokens": int(loss_sum[1].item()),
+        "tokens_per_s": loss_sum[1].item() / max(elapsed, 1e-9),
+        "memory": memory,
+    }
+
+
+def load_run(run_dir: str | Path, device: torch.device, checkpoint: str | None = None):
+    """The trained model of ``run_dir`` (its config.yaml and newest checkpoint) and its config."""
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: is run_dir={run_dir} a training run?")
+    schema = OmegaConf.structured(TrainConfig)
+    cfg: TrainConfig = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(cfg_path)))
+    ckpt_path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if ckpt_path is None:
+        raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}")
+    state = load_checkpoint(ckpt_path, map_location=device)
+    model = build_model(cfg.model, device)
+    model.load_state_dict(state["model"])
+    return model, cfg, state
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="evaluate")
+def main(dcfg: DictConfig) -> None:
+    ecfg: EvaluateConfig = OmegaConf.to_object(dcfg)
+    env = init_distributed()
+    try:
+        model, cfg, state = load_run(ecfg.run_dir, env.device, ecfg.checkpoint)
+        tokens = open_split(cfg.data.dir, ecfg.split)
+        micro, _ = cfg.train.micro_steps(1)
+        batch_size = ecfg.batch_size or cfg.train.eval_batch_size or micro
+        result = evaluate_split(
+            model, tokens, cfg.data.seq_len, batch_size, env, cfg.train.precision, ecfg.split
+        )
+        if env.is_main:
+            step = state["step"]
+            record = {
+                "kind": "eval",
+                "step": step,
+                "tokens": step * cfg.train.batch_size * cfg.data.seq_len,
+                "split": ecfg.split,
+                **result,
+            }
+            MetricLogger(ecfg.run_dir).log(record, format_eval_line(record))
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()

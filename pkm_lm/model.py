@@ -1,0 +1,144 @@
+"""Decoder-only Transformer LM whose chosen blocks carry a Product Key Memory.
+
+Built on the ``meta`` device and initialised afterwards (``build_model``), so a paper-size model
+(|K| = 512^2 values per memory) can be inspected without allocating it. Block indices in the
+config count from 1, as the paper's wording; ``TransformerLM.memories`` is keyed the same way.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pkm_lm.config import ModelConfig
+from pkm_lm.memory import ProductKeyMemory
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.attn_dropout = cfg.attn_dropout
+        self.qkv = nn.Linear(cfg.dim, 3 * cfg.dim)
+        self.proj = nn.Linear(cfg.dim, cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        q, k, v = (z.view(b, t, self.n_heads, c // self.n_heads).transpose(1, 2) for z in (q, k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, is_causal=True, dropout_p=self.attn_dropout if self.training else 0.0
+        )
+        return self.proj(y.transpose(1, 2).reshape(b, t, c))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(cfg.dim, cfg.ffn_mult * cfg.dim)
+        self.proj = nn.Linear(cfg.ffn_mult * cfg.dim, cfg.dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(F.gelu(self.fc(x)))
+
+
+class Residual(nn.Module):
+    """x + f(x) with dropout, and its LayerNorm before f (pre-norm) or after the sum (post-norm)."""
+
+    def __init__(self, fn: nn.Module, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.fn = fn
+        self.norm = nn.LayerNorm(cfg.dim)
+        self.pre_norm = cfg.norm == "pre"
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pre_norm:
+            return x + self.dropout(self.fn(self.norm(x)))
+        return self.norm(x + self.dropout(self.fn(x)))
+
+
+class Block(nn.Module):
+    """Attention then FFN; with a memory, it replaces the FFN or follows the block (``add``)."""
+
+    def __init__(self, cfg: ModelConfig, memory: ProductKeyMemory | None) -> None:
+        super().__init__()
+        self.attn = Residual(CausalSelfAttention(cfg), cfg)
+        replace = memory is not None and cfg.memory.position == "replace"
+        self.ffn = Residual(memory if replace else FeedForward(cfg), cfg)
+        self.mem = Residual(memory, cfg) if memory is not None and not replace else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.ffn(self.attn(x))
+        return self.mem(x) if self.mem is not None else x
+
+
+class TransformerLM(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size is None or cfg.max_seq_len is None:
+            raise ValueError(
+                f"model.vocab_size={cfg.vocab_size} and model.max_seq_len={cfg.max_seq_len} "
+                "must be set before building (the trainer takes them from the data)"
+            )
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        mem_layers = set(cfg.memory_layers)
+        # 1-based block index -> its memory, the convention of configs and metrics.
+        self.memories: dict[int, ProductKeyMemory] = {}
+        blocks = []
+        for i in range(1, cfg.n_layers + 1):
+            memory = ProductKeyMemory(cfg.dim, cfg.dim, cfg.memory) if i in mem_layers else None
+            if memory is not None:
+                self.memories[i] = memory
+            blocks.append(Block(cfg, memory))
+        self.blocks = nn.ModuleList(blocks)
+        self.final_norm = nn.LayerNorm(cfg.dim) if cfg.norm == "pre" else nn.Identity()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        """(B, T) token ids -> (B, T, vocab) logits; output projection tied to ``tok_emb``."""
+        t = idx.shape[1]
+        if t > self.cfg.max_seq_len:
+            raise ValueError(f"sequence length {t} > model.max_seq_len={self.cfg.max_seq_len}")
+        pos = torch.arange(t, device=idx.device)
+        x = self.dropout(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        return F.linear(self.final_norm(x), self.tok_emb.weight)
+
+    def value_parameters(self) -> list[nn.Parameter]:
+        """The memories' value tables: the parameters of the value optimiser."""
+        return [mem.values.weight for mem in self.memories.values()]
+
+    def num_params(self, exclude_token_embedding: bool = False) -> int:
+        """Parameter count; without the (vocabulary-dependent, tied) token embedding on request."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.tok_emb.weight.numel() if exclude_token_embedding else n
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Initialise every parameter and buffer (after ``to_empty``): XLM's N(0, dim^-1/2)
+        embeddings, the memory's keys/values init, torch's defaults for Linear/LayerNorm/BN."""
+        in_memory = {id(m) for mem in self.memories.values() for m in mem.modules()}
+        for module in self.modules():
+            if isinstance(module, ProductKeyMemory):
+                module.reset_memory_parameters()  # keys and values; its Linear/BN below
+            elif isinstance(module, nn.Embedding) and id(module) not in in_memory:
+                nn.init.normal_(module.weight, std=self.cfg.dim**-0.5)
+            elif isinstance(module, (nn.Linear, nn.LayerNorm, nn.BatchNorm1d)):
+                module.reset_parameters()
+
+
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> TransformerLM:
+    """Construct on ``meta`` (no allocation), then, unless ``device`` is meta, allocate and init."""
+    with torch.device("meta"):
+        model = TransformerLM(cfg)
+    if torch.device(device).type == "meta":
+        return model
+    model.to_empty(device=device)
+    model.init_weights()
+    return model

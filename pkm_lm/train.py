@@ -1,0 +1,32 @@
+"""Train a (memory-augmented) Transformer LM.
+
+    python -m pkm_lm.train +experiment=tiny_1mem [run_dir=DIR] [train.max_steps=N] ...
+    torchrun --nproc_per_node 2 -m pkm_lm.train +experiment=tiny_1mem
+
+Rerunning the same command with the same run_dir resumes (or does nothing if it finished).
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from pkm_lm.config import register_configs, to_train_config
+from pkm_lm.distributed import cleanup_distributed, init_distributed
+from pkm_lm.trainer import Trainer
+
+register_configs()
+
+
+@hydra.main(version_base=None, config_path="../configs", config_name="train")
+def main(dcfg: DictConfig) -> None:
+    cfg = to_train_config(dcfg)  # validates every field before any work
+    env = init_distributed(cfg.distributed.backend)
+    try:
+        Trainer(cfg, env).fit()
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    main()
