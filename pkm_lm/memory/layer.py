@@ -59,7 +59,7 @@ class ProductKeyMemory(nn.Module):
         cfg = self.config
         q = self.query_net(x)
         if self.query_bn is not None:
-            q = self.query_bn(q.float())  # BN statistics in fp32 under autocast
+            q = self.query_bn(q.to(self.query_bn.weight.dtype))  # BN in fp32 under autocast
         q = F.dropout(q, cfg.query_dropout, self.training)
         return q.view(x.shape[0], cfg.heads, cfg.k_dim)
 
@@ -74,7 +74,9 @@ class ProductKeyMemory(nn.Module):
         lead_shape = x.shape[:-1]
         x = F.dropout(x.reshape(-1, self.input_dim), cfg.input_dropout, self.training)
         scores, indices = self.select(self.query(x))  # (N, H, knn)
-        weights = torch.softmax(scores.float(), dim=-1)
+        weights = torch.softmax(
+            scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)
+        )
         weights = F.dropout(weights, cfg.value_dropout, self.training)
         if self.stats is not None:
             self.stats.update(indices.detach(), weights.detach())

@@ -50,8 +50,7 @@ class LazyAdam(torch.optim.Optimizer):
                 exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
                 grad = p.grad
                 if grad.is_sparse:
-                    grad = grad.coalesce()  # no-op for the memory layer's gradients
-                    rows, grad = grad.indices()[0], grad.values()
+                    rows, grad = sparse_rows(grad)
                     m = exp_avg.index_select(0, rows).lerp_(grad, 1 - beta1)
                     v = exp_avg_sq.index_select(0, rows).mul_(beta2)
                     v.addcmul_(grad, grad, value=1 - beta2)
@@ -65,6 +64,21 @@ class LazyAdam(torch.optim.Optimizer):
                     denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(group["eps"])
                     p.addcdiv_(exp_avg, denom, value=-step_size)
         return loss
+
+
+def sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, row values) of a row-sparse gradient, with duplicate rows summed.
+
+    Autograd drops the "coalesced" flag of the memory layer's gradient (its rows are unique
+    and sorted), and ``coalesce()`` of a 512^2-slot gradient costs a second on CPU: check
+    the rows in one pass and coalesce only when rows repeat (e.g. after a DDP all-reduce).
+    """
+    if not grad.is_coalesced():
+        rows = grad._indices()[0]
+        if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
+            return rows, grad._values()
+        grad = grad.coalesce()
+    return grad.indices()[0], grad.values()
 
 
 @torch.no_grad()
@@ -84,8 +98,11 @@ def clip_grad_norm_(
     norms = []
     for p in params:
         if p.grad.is_sparse:
-            p.grad = p.grad.coalesce()
-            norms.append(torch.linalg.vector_norm(p.grad.values(), dtype=torch.float32))
+            rows, values = sparse_rows(p.grad)
+            p.grad = torch.sparse_coo_tensor(
+                rows[None], values, p.grad.shape, is_coalesced=True, check_invariants=False
+            )
+            norms.append(torch.linalg.vector_norm(values, dtype=torch.float32))
         else:
             norms.append(torch.linalg.vector_norm(p.grad, dtype=torch.float32))
     device = norms[0].device

@@ -63,7 +63,9 @@ def _distribution_metrics(acc: torch.Tensor) -> dict[str, float]:
     n = z.numel()
     z_log_z = torch.where(z > 0, z * z.clamp_min(1e-300).log(), torch.zeros_like(z))
     ascending = z.sort().values
-    gini = 1.0 - 2.0 * ascending.cumsum(0).mean().item()
+    # Discrete Gini of the Lorenz curve (trapezoids): 0 for uniform access, 1 - 1/n for one
+    # slot. XLM's formula omits the + 1/n term (it gives -1/n for uniform access).
+    gini = 1.0 - 2.0 * ascending.cumsum(0).mean().item() + 1.0 / n
     descending_mass = ascending.flip(0).cumsum(0)
     out = {"kl": math.log(n) + z_log_z.sum().item(), "gini": gini}
     for pct in (50, 90, 99):

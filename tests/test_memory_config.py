@@ -1,0 +1,34 @@
+"""MemoryConfig rejects bad values with an error that names the field and what is allowed."""
+
+import pytest
+
+from pkm_lm.memory import MemoryConfig
+
+
+@pytest.mark.parametrize(
+    "kwargs,field,allowed",
+    [
+        (dict(n_keys=1), "n_keys", ">= 2"),
+        (dict(heads=0), "heads", ">= 1"),
+        (dict(n_keys=8, knn=9), "knn", "[1, n_keys=8]"),
+        (dict(knn=0), "knn", "[1, n_keys"),
+        (dict(k_dim=7), "k_dim", "even"),
+        (dict(v_dim=0), "v_dim", ">= 1"),
+        (dict(keys="hash"), "keys", "'product', 'flat'"),
+        (dict(query_net="cnn"), "query_net", "'linear', 'mlp'"),
+        (dict(input_dropout=1.0), "input_dropout", "[0, 1)"),
+        (dict(query_dropout=-0.1), "query_dropout", "[0, 1)"),
+        (dict(value_dropout=2), "value_dropout", "[0, 1)"),
+    ],
+)
+def test_invalid_values_name_the_field(kwargs, field, allowed):
+    with pytest.raises(ValueError) as err:
+        MemoryConfig(**kwargs)
+    message = str(err.value)
+    assert f"memory.{field}=" in message and allowed in message
+
+
+def test_defaults_are_the_papers():
+    cfg = MemoryConfig()
+    assert (cfg.heads, cfg.knn, cfg.k_dim, cfg.n_slots) == (4, 32, 512, 512**2)
+    assert cfg.query_batchnorm and cfg.keys == "product"
