@@ -67,15 +67,13 @@ def evaluate_split(
     model.eval()
     stats = attach_memory_stats(model)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=env.device)  # [sum loss, n targets]
-    start = time.perf_counter()
+    # Speed is timed from the second batch on: the first pays one-off allocation costs.
+    timed_tokens, start = 0, None
     n_batches = math.ceil(max(len(tokens) - 1, 0) / seq_len / batch_size)
     batches = eval_batches(tokens, seq_len, batch_size, env.rank, env.world_size)
+    show = None if env.is_main else True
     for batch in tqdm(
-        batches,
-        desc=desc,
-        total=n_batches // env.world_size,
-        leave=False,
-        disable=None if env.is_main else True,
+        batches, desc=desc, total=n_batches // env.world_size, leave=False, disable=show
     ):
         batch = batch.to(env.device, non_blocking=True)
         x, y = batch[:, :-1], batch[:, 1:]
@@ -85,8 +83,14 @@ def evaluate_split(
             logits.float().flatten(0, 1), y.flatten(), reduction="sum"
         ).double()
         loss_sum[1] += y.numel()
+        if start is None:
+            start = time.perf_counter()
+        else:
+            timed_tokens += y.numel()
+    elapsed = time.perf_counter() - start if start is not None else 0.0
+    speed = torch.tensor([timed_tokens, elapsed], dtype=torch.float64, device=env.device)
     all_reduce_sum(loss_sum)
-    elapsed = time.perf_counter() - start
+    all_reduce_sum(speed)
     detach_memory_stats(model)
     memory = {}
     for layer, s in stats.items():
@@ -98,7 +102,8 @@ def evaluate_split(
         "loss": loss,
         "ppl": safe_ppl(loss),
         "n_tokens": int(loss_sum[1].item()),
-        "tokens_per_s": loss_sum[1].item() / max(elapsed, 1e-9),
+        # tokens of all ranks over the mean time of a rank
+        "tokens_per_s": speed[0].item() / max(speed[1].item() / env.world_size, 1e-9),
         "memory": memory,
     }
 

@@ -91,12 +91,16 @@ class Trainer:
         self.elapsed_s = 0.0
         torch.manual_seed(t.seed + env.rank)  # dropout masks differ across ranks
         self._resume()
-        self.ddp = (
-            DDP(self.model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-            if env.distributed
-            else self.model
-        )
+        self.ddp = self._wrap_ddp() if env.distributed else self.model
         self.logger = None
+
+    def _wrap_ddp(self) -> DDP:
+        # DDP decides which buckets carry sparse gradients from nn.Embedding.sparse; the memory
+        # reads its table through its own sparse-gradient function, so declare it here.
+        for mem in self.model.memories.values():
+            mem.values.sparse = mem.config.sparse_grad
+        device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
+        return DDP(self.model, device_ids=device_ids)
 
     # -- state ------------------------------------------------------------------------------
     def _resume(self) -> None:
