@@ -278,3 +278,21 @@ def test_killed_run_leaves_no_complete_looking_shard(tmp_path, monkeypatch):
     preprocess(config(RAW, out, shard_tokens=1 << 20))
     assert len(open_split(out, "train")) > 0
     assert not [p for p in os.listdir(out) if "tmp" in p]
+
+
+def test_moses_tokenizer_matches_sacremoses():
+    """Our faster character-class tests must not change a single token."""
+    from sacremoses import MosesTokenizer
+
+    upstream = MosesTokenizer(lang="en")
+    lines = (RAW / "train.txt").read_text(encoding="utf-8").split("\n")
+    lines += [
+        "Mr. Smith met Dr. Who at No. 5 and no. 6, e.g. here. Then U.S.A. Ltd. left.",
+        "A. b. ÉCOLE. étude.",
+    ]
+    for line in lines:
+        text = moses.normalize_line(line)
+        assert (
+            moses.tokenize_line(line)
+            == upstream.tokenize(text, escape=False, return_str=True).strip()
+        )

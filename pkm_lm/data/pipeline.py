@@ -198,7 +198,6 @@ class Preprocessor:
         self.out_dir = Path(cfg.out_dir)
         self.work_dir = self.out_dir / "work"
         self.manifest: dict = {}
-        self.timings: dict[str, dict] = {}  # step -> {"bytes", "seconds"} of steps run now
 
     # -- step bookkeeping -------------------------------------------------------------
 
@@ -218,16 +217,13 @@ class Preprocessor:
         write_manifest(self.out_dir, self.manifest)
 
     def _step(self, name: str, key: str, fn) -> dict:
-        """Run fn() -> (outputs, stats) unless already done; returns the step's stats."""
+        """Run fn() -> (outputs, stats) unless already done; returns the step's record."""
         if self._done(name, key):
             log.info("%s: up to date, skipped", name)
         else:
             t0 = time.perf_counter()
             outputs, stats = fn()
-            self.timings[name] = {
-                "bytes": stats.get("bytes", 0),
-                "seconds": time.perf_counter() - t0,
-            }
+            stats["seconds"] = round(time.perf_counter() - t0, 3)
             self._record(
                 name, key, [str(Path(o).relative_to(self.out_dir)) for o in outputs], stats
             )
