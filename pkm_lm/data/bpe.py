@@ -52,18 +52,31 @@ def check_readable(path: str | os.PathLike, what: str) -> Path:
 
 
 def learn_codes(text_path: str | os.PathLike, codes_path: str | os.PathLike, n_codes: int) -> int:
-    """Learn `n_codes` merges on a tokenised text file; returns the number of codes written."""
+    """Learn `n_codes` merges on a tokenised text file; returns the number of codes written.
+
+    The text goes to `fast learnbpe` on stdin: given a path, it would mmap the whole file,
+    and its resident memory would grow with the corpus.
+    """
     if n_codes < 1:
         raise ValueError(f"bpe.n_codes={n_codes} must be >= 1")
     check_readable(text_path, "BPE training text")
-    cmd = [str(find_fast_binary()), "learnbpe", str(n_codes), str(text_path)]
-    result = subprocess.run(cmd, capture_output=True, check=False)
-    if result.returncode != 0:
-        raise RuntimeError(
-            f"`{' '.join(cmd)}` failed ({result.returncode}): {result.stderr.decode(errors='replace')[-2000:]}"
-        )
-    atomic_write_bytes(codes_path, result.stdout)
-    return result.stdout.count(b"\n")
+    cmd = [str(find_fast_binary()), "learnbpe", str(n_codes), "-"]
+    codes_path = Path(codes_path)
+    tmp = codes_path.with_name(f".{codes_path.name}.tmp-{os.getpid()}")
+    try:
+        with open(text_path, "rb") as src, open(tmp, "wb") as dst:
+            result = subprocess.run(cmd, stdin=src, stdout=dst, stderr=subprocess.PIPE, check=False)
+        if result.returncode != 0:
+            stderr = result.stderr.decode(errors="replace")[-2000:]
+            raise RuntimeError(
+                f"`{' '.join(cmd)} < {text_path}` failed ({result.returncode}): {stderr}"
+            )
+        with open(tmp, "rb") as f:
+            n = sum(1 for _ in f)
+        os.replace(tmp, codes_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return n
 
 
 @contextmanager

@@ -365,10 +365,12 @@ class Preprocessor:
             dtype_for_vocab(cfg.sentencepiece.vocab_size, cfg.dtype)
         ext = "tok" if fastbpe else "norm"
 
+        versions = _versions()
+        tools = {k: versions[k] for k in ("sacremoses", "fastBPE", "sentencepiece")}
         text_keys = {}
         for split in SPLITS:
             raw = self.raw_dir / f"{split}.txt"
-            key = _key("moses", split, cfg.lang, fastbpe, _raw_fingerprint(raw))
+            key = _key("moses", split, cfg.lang, fastbpe, _raw_fingerprint(raw), tools)
             dst = self.work_dir / f"{split}.{ext}"
             self._step(f"moses/{split}", key, lambda s=split, d=dst: self._moses(s, d))
             text_keys[split] = key
@@ -376,7 +378,7 @@ class Preprocessor:
         train_text = self.work_dir / f"train.{ext}"
         if fastbpe:
             files = {"codes": self.out_dir / "codes", "vocab": self.out_dir / "vocab.txt"}
-            codes_key = _key("learnbpe", cfg.bpe.n_codes, text_keys["train"])
+            codes_key = _key("learnbpe", cfg.bpe.n_codes, text_keys["train"], tools)
             self._step("learnbpe", codes_key, lambda: self._learn_bpe(train_text, files["codes"]))
             vocab_key = _key("vocab", codes_key)
             self._step(
@@ -387,7 +389,7 @@ class Preprocessor:
             vocab_size = len(SPECIAL) + len(bpe.read_vocab(files["vocab"]))
         else:
             files = {"model": self.out_dir / "spm.model", "vocab": self.out_dir / "spm.vocab"}
-            vocab_key = _key("sentencepiece", asdict(cfg.sentencepiece), text_keys["train"])
+            vocab_key = _key("sentencepiece", asdict(cfg.sentencepiece), text_keys["train"], tools)
             self._step(
                 "sentencepiece",
                 vocab_key,
@@ -425,7 +427,7 @@ class Preprocessor:
             files={k: v.name for k, v in files.items()},
             splits=splits,
             settings=asdict(cfg),
-            versions=_versions(),
+            versions=versions,
         )
         write_manifest(self.out_dir, self.manifest)
         return self.manifest
