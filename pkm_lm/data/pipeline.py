@@ -236,27 +236,29 @@ class Preprocessor:
         step = _MosesStep(self.cfg.lang, tokenize=self.cfg.tokenizer == "fastbpe")
         stats = {"bytes": 0, "lines_in": 0, "lines_out": 0, "replaced_bytes": 0}
         tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-        with (
-            open(tmp, "w", encoding="utf-8") as f,
-            _bar(f"moses {split}", src.stat().st_size) as bar,
-        ):
-            chunks = read_chunks(src, self.cfg.chunk_bytes)
-            for chunk, lines in ordered_map(step, chunks, self.cfg.n_workers):
-                if lines:
-                    f.write("\n".join(lines) + "\n")
-                stats["bytes"] += chunk.n_bytes
-                stats["lines_in"] += len(chunk.lines)
-                stats["lines_out"] += len(lines)
-                stats["replaced_bytes"] += chunk.n_replaced
-                bar.update(chunk.n_bytes)
-        if stats["lines_out"] == 0:
-            tmp.unlink()
-            raise ValueError(f"raw file {src} holds no text after normalisation")
+        try:
+            with (
+                open(tmp, "w", encoding="utf-8") as f,
+                _bar(f"moses {split}", src.stat().st_size) as bar,
+            ):
+                chunks = read_chunks(src, self.cfg.chunk_bytes)
+                for chunk, lines in ordered_map(step, chunks, self.cfg.n_workers):
+                    if lines:
+                        f.write("\n".join(lines) + "\n")
+                    stats["bytes"] += chunk.n_bytes
+                    stats["lines_in"] += len(chunk.lines)
+                    stats["lines_out"] += len(lines)
+                    stats["replaced_bytes"] += chunk.n_replaced
+                    bar.update(chunk.n_bytes)
+            if stats["lines_out"] == 0:
+                raise ValueError(f"raw file {src} holds no text after normalisation")
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
         if stats["replaced_bytes"]:
             log.warning(
                 "%s: %d bytes were not valid UTF-8 and became U+FFFD", src, stats["replaced_bytes"]
             )
-        os.replace(tmp, dst)
         return [dst], stats
 
     def _learn_bpe(self, src: Path, codes: Path) -> tuple[list[Path], dict]:

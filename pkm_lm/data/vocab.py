@@ -42,10 +42,8 @@ class Vocabulary:
         if tokenizer == "fastbpe":
             itos = list(SPECIAL) + read_vocab(files["vocab"])
         else:
-            itos = [
-                _sentencepiece(files["model"]).id_to_piece(i) for i in range(manifest["vocab_size"])
-            ]
-            itos[: len(SPECIAL)] = list(SPECIAL)
+            sp = _sentencepiece(files["model"])
+            itos = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
         if len(itos) != manifest["vocab_size"]:
             raise ValueError(
                 f"{data_dir}: vocabulary has {len(itos)} tokens, manifest says {manifest['vocab_size']}"
