@@ -101,6 +101,35 @@ def bench_loader(
     return rows
 
 
+def bench_moses(raw: Path, n_bytes: int = 2_000_000) -> list[tuple[str, float]]:
+    """One process, MB/s: sacremoses as shipped vs our subclasses (identical output)."""
+    from sacremoses import MosesPunctNormalizer, MosesTokenizer
+
+    from pkm_lm.data import moses
+
+    with open(raw / "train.txt", encoding="utf-8") as f:
+        lines = f.read(n_bytes).split("\n")[:-1]
+    mb = sum(len(line.encode()) + 1 for line in lines) / 1e6
+    norm = MosesPunctNormalizer(
+        "en", pre_replace_unicode_punct=True, post_remove_control_chars=True
+    )
+    tok = MosesTokenizer("en")
+
+    def upstream(line):
+        return tok.tokenize(norm.normalize(line), escape=False, return_str=True)
+
+    rows = []
+    for name, fn in (
+        ("sacremoses as shipped", upstream),
+        ("pkm_lm.data.moses", moses.tokenize_line),
+    ):
+        t0 = time.perf_counter()
+        for line in lines:
+            fn(line)
+        rows.append((name, mb / (time.perf_counter() - t0)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--raw", default="data/raw/books", help="raw corpus (train/valid/test.txt)")
@@ -153,6 +182,9 @@ def main() -> None:
         for corpus, workers, rates, e2e, peak in rows:
             cells = " | ".join(f"{rates[s]:.2f}" for s in STEPS)
             print(f"| {corpus} | {workers} | {cells} | {e2e:.2f} | {peak:.0f} |")
+        print("\n| Moses normalise + tokenise, 1 process | MB/s |\n|---|---|")
+        for name, rate in bench_moses(raw):
+            print(f"| {name} | {rate:.2f} |")
         print("\n| loader (seq_len 256, batch 32, train split) | tokens/s |\n|---|---|")
         for name, rate in bench_loader(loader_dir, 256, 32, args.loader_seconds):
             print(f"| {name} | {rate / 1e6:.1f}M |")

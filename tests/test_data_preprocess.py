@@ -90,7 +90,9 @@ def test_vocabulary_encode_decode(dataset):
         vocab.decode(ids, detokenize=False)
         == "Thou art more lovely , and more temperate .\nA second line !"
     )
-    assert vocab.unk_index in [vocab.stoi.get(t, vocab.unk_index) for t in ["\u4e2d"]]
+    assert vocab.encode("\u4e2d") == [vocab.unk_index]  # a character never seen in training
+    assert vocab.decode([vocab.unk_index, vocab.pad_index, vocab.eos_index]) == "<unk>\n"
+    assert vocab.encode("\n \n") == []
 
 
 def test_two_workers_write_identical_shards(dataset, tmp_path):
@@ -247,6 +249,12 @@ def test_sentencepiece_shares_format_and_loader(tmp_path, model_type):
     raw = (RAW / "valid.txt").read_text(encoding="utf-8")
     expected = [moses.normalize_line(line) for line in raw.split("\n") if line.strip()]
     assert vocab.decode(ids[:-1]).split("\n") == expected
+    first_line = ids[: list(ids).index(vocab.eos_index)]
+    pieces = vocab.decode(first_line, detokenize=False).split(" ")
+    assert (
+        len(pieces) == len(first_line)
+        and "".join(pieces).replace("\u2581", " ").strip() == expected[0]
+    )
     np.testing.assert_array_equal(vocab.encode(raw, add_eos=True), ids)
     assert json.loads((out / "dataset.json").read_text())["files"] == {
         "model": "spm.model",

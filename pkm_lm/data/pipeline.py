@@ -75,9 +75,8 @@ class PreprocessConfig:
             raise ValueError(
                 f"dtype={self.dtype!r} is not allowed: use 'auto', 'uint16' or 'uint32'"
             )
-        for name in ("workers",):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0 (0 = all cores)")
+        if self.workers < 0:
+            raise ValueError(f"workers={self.workers} must be >= 0 (0 = all cores)")
         for name in ("shard_tokens", "chunk_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")

@@ -85,7 +85,8 @@ class Vocabulary:
         """Text of `ids`; `</s>` becomes a line break, <pad> is dropped.
 
         detokenize=True joins BPE pieces and undoes Moses tokenisation (readable text);
-        False gives the Moses-tokenised text (BPE joined), as it was before BPE.
+        False gives the Moses-tokenised text (BPE joined), as it was before BPE. With
+        sentencepiece, False gives the pieces separated by spaces.
         """
         lines, current = [], []
         for i in (int(x) for x in ids):
@@ -99,8 +100,9 @@ class Vocabulary:
 
     def _decode_line(self, pieces: list[str], detokenize: bool) -> str:
         if self.tokenizer == "sentencepiece":
-            text = "".join(pieces).replace("\u2581", " ").strip()
-            return text if detokenize else " ".join(text.split())
+            if not detokenize:
+                return " ".join(pieces)
+            return "".join(pieces).replace("\u2581", " ").strip()
         words = join_bpe(" ".join(pieces)).split()
         return moses.detokenize(words, self.lang) if detokenize else " ".join(words)
 
