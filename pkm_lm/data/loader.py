@@ -146,12 +146,11 @@ class TokenStream:
         self._order_epoch = -1
 
     def _epoch_order(self) -> np.ndarray:
+        """The shuffled chunk order of the current epoch (int32 while it fits: half the memory)."""
         if self._order_epoch != self.epoch:
-            if self.shuffle:
-                rng = np.random.default_rng([self.seed, self.epoch])
-                self._order = rng.permutation(self.n_chunks)
-            else:
-                self._order = np.arange(self.n_chunks)
+            dtype = np.int32 if self.n_chunks < 2**31 else np.int64
+            self._order = np.arange(self.n_chunks, dtype=dtype)
+            np.random.default_rng([self.seed, self.epoch]).shuffle(self._order)
             self._order_epoch = self.epoch
         return self._order
 
@@ -159,11 +158,11 @@ class TokenStream:
         """This rank's rows of the next global batch; advances the stream."""
         per_rank = self.batch_size // self.world_size
         lo = self.batch * self.batch_size + self.rank * per_rank
-        chunk_ids = self._epoch_order()[lo : lo + per_rank]
         if self.shuffle:
-            batch = _chunks(self.tokens, chunk_ids * self.seq_len, self.seq_len + 1)
-        else:
-            batch = _consecutive_chunks(self.tokens, int(chunk_ids[0]), per_rank, self.seq_len)
+            starts = self._epoch_order()[lo : lo + per_rank].astype(np.int64) * self.seq_len
+            batch = _chunks(self.tokens, starts, self.seq_len + 1)
+        else:  # document order: chunk ids are positions, no order array needed
+            batch = _consecutive_chunks(self.tokens, lo, per_rank, self.seq_len)
         self.batch += 1
         if self.batch == self.batches_per_epoch:
             self.epoch += 1
