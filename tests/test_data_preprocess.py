@@ -283,6 +283,7 @@ def test_killed_run_leaves_no_complete_looking_shard(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="unfinished"):
         load_manifest(out)
     monkeypatch.undo()
+    (out / ".train.00000.bin.tmp-99999").write_bytes(b"half a shard")  # as after a SIGKILL
     preprocess(config(RAW, out, shard_tokens=1 << 20))
     assert len(open_split(out, "train")) > 0
     assert not [p for p in os.listdir(out) if "tmp" in p]

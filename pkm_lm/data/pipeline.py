@@ -360,6 +360,8 @@ class Preprocessor:
         cfg = self.cfg
         check_dirs(self.raw_dir, self.out_dir)
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        for stale in [*self.out_dir.glob(".*.tmp-*"), *self.work_dir.glob(".*.tmp-*")]:
+            stale.unlink()  # left by a killed run (one run per out_dir at a time)
         self.manifest = read_manifest(self.out_dir)
         fastbpe = cfg.tokenizer == "fastbpe"
         if not fastbpe:  # known before training: fail before the slow steps
