@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 from functools import lru_cache
 
-import regex
 from sacremoses import MosesDetokenizer, MosesPunctNormalizer, MosesTokenizer
 
 
@@ -45,12 +44,11 @@ class _MosesPunctNormalizer(MosesPunctNormalizer):
             (re.compile(p), sub)
             for p, sub in [*self.REPLACE_UNICODE_PUNCTUATION, *self.substitutions]
         ]
-        self._control = regex.compile(r"\p{C}")
 
     def normalize(self, text: str) -> str:
         for pattern, sub in self._steps:
             text = pattern.sub(sub, text)
-        return self._control.sub("", text).strip()
+        return self.remove_control_chars(text).strip()
 
 
 @lru_cache(maxsize=4)
