@@ -113,3 +113,33 @@ def test_clip_grad_norm_counts_sparse_gradients():
 def test_invalid_hyper_parameters_are_rejected():
     with pytest.raises(ValueError, match="betas"):
         LazyAdam([torch.nn.Parameter(torch.zeros(1))], betas=(0.9, 1.0))
+
+
+def test_row_wise_variance_keeps_one_second_moment_per_row():
+    torch.manual_seed(0)
+    param = torch.nn.Parameter(torch.randn(6, 4, dtype=torch.float64))
+    start = param.detach().clone()
+    opt = LazyAdam([param], lr=LR, betas=BETAS, eps=EPS, row_wise=True)
+    m, v = torch.zeros(6, 4, dtype=torch.float64), torch.zeros(6, 1, dtype=torch.float64)
+    expected = start.clone()
+    for t, rows in enumerate([[0, 2], [2, 5], [1, 2, 3]], start=1):
+        g = torch.randn(len(rows), 4, dtype=torch.float64)
+        param.grad = sparse_grad(rows, g, param.shape)
+        opt.step()
+        for row, g_row in zip(rows, g, strict=True):
+            m[row] = BETAS[0] * m[row] + (1 - BETAS[0]) * g_row
+            v[row] = BETAS[1] * v[row] + (1 - BETAS[1]) * (g_row**2).mean()
+            denom = (v[row] / (1 - BETAS[1] ** t)).sqrt() + EPS
+            expected[row] -= LR * m[row] / (1 - BETAS[0] ** t) / denom
+    assert opt.state[param]["exp_avg_sq"].shape == (6, 1)
+    torch.testing.assert_close(param.detach(), expected)
+
+
+def test_scratch_buffers_grow_with_the_number_of_touched_rows():
+    param = torch.nn.Parameter(torch.zeros(50, 2))
+    opt = LazyAdam([param])
+    for rows in ([1, 2], list(range(40)), [3]):
+        param.grad = sparse_grad(rows, torch.ones(len(rows), 2), param.shape)
+        opt.step()
+        assert opt.state[param]["m_rows"].shape[0] >= len(rows)
+    assert (param.detach()[:40] < 0).all() and (param.detach()[40:] == 0).all()

@@ -18,15 +18,29 @@ class LazyAdam(torch.optim.Optimizer):
     alone (dense Adam would decay them and keep moving those rows with their old momentum).
     Bias correction uses one step counter per parameter, as torch's SparseAdam. Dense
     gradients get the exact torch.optim.Adam update (no weight decay, no amsgrad).
+
+    ``row_wise=True`` keeps one second-moment value per row (the mean of g^2 over the row, as
+    FBGEMM's partial row-wise Adam) instead of one per element: the optimizer state of a
+    |K| x v_dim table drops from 2x to 1x the table's size.
+
+    The touched rows' moments are gathered into scratch buffers kept between steps: a fresh
+    allocation of that size costs more in page faults than the gather itself.
     """
 
-    def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(
+        self,
+        params,
+        lr: float = 1e-3,
+        betas=(0.9, 0.999),
+        eps: float = 1e-8,
+        row_wise: bool = False,
+    ):
         if lr < 0 or eps < 0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(
                 f"LazyAdam: lr={lr}, betas={tuple(betas)}, eps={eps} are invalid: "
                 "lr >= 0, eps >= 0 and each beta in [0, 1)"
             )
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps))
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, row_wise=row_wise))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -35,35 +49,59 @@ class LazyAdam(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            beta1, beta2 = group["betas"]
             for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["step"] += 1
-                step_size = group["lr"] / (1 - beta1 ** state["step"])
-                bias_correction2_sqrt = (1 - beta2 ** state["step"]) ** 0.5
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                grad = p.grad
-                if grad.is_sparse:
-                    rows, grad = sparse_rows(grad)
-                    m = exp_avg.index_select(0, rows).lerp_(grad, 1 - beta1)
-                    v = exp_avg_sq.index_select(0, rows).mul_(beta2)
-                    v.addcmul_(grad, grad, value=1 - beta2)
-                    exp_avg.index_copy_(0, rows, m)
-                    exp_avg_sq.index_copy_(0, rows, v)
-                    denom = v.sqrt_().div_(bias_correction2_sqrt).add_(group["eps"])
-                    p.index_add_(0, rows, m.div_(denom), alpha=-step_size)
-                else:
-                    exp_avg.lerp_(grad, 1 - beta1)
-                    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-                    denom = exp_avg_sq.sqrt().div_(bias_correction2_sqrt).add_(group["eps"])
-                    p.addcdiv_(exp_avg, denom, value=-step_size)
+                if p.grad is not None:
+                    self._update(p, group)
         return loss
+
+    def _update(self, p: torch.Tensor, group: dict) -> None:
+        beta1, beta2 = group["betas"]
+        row_wise = group["row_wise"] and p.dim() == 2
+        state = self.state[p]
+        if not state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            sq_shape = (p.shape[0], 1) if row_wise else p.shape
+            state["exp_avg_sq"] = p.new_zeros(sq_shape)
+        state["step"] += 1
+        step_size = group["lr"] / (1 - beta1 ** state["step"])
+        bias_correction2_sqrt = (1 - beta2 ** state["step"]) ** 0.5
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        grad, sparse = p.grad, p.grad.is_sparse
+        if sparse:
+            rows, grad = sparse_rows(grad)
+            m = _scratch(state, "m_rows", exp_avg, rows)
+            v = _scratch(state, "v_rows", exp_avg_sq, rows)
+        else:
+            m, v = exp_avg, exp_avg_sq
+        m.lerp_(grad, 1 - beta1)
+        v.mul_(beta2)
+        if row_wise:
+            v.add_(
+                torch.linalg.vector_norm(grad, dim=1, keepdim=True).square_(),
+                alpha=(1 - beta2) / grad.shape[1],
+            )
+        else:
+            v.addcmul_(grad, grad, value=1 - beta2)
+        if sparse:
+            exp_avg.index_copy_(0, rows, m)
+            exp_avg_sq.index_copy_(0, rows, v)
+            # The scratch rows are written back: finish the update in place in them.
+            denom = v.sqrt_().div_(bias_correction2_sqrt).add_(group["eps"])
+            p.index_add_(0, rows, m.div_(denom), alpha=-step_size)
+        else:
+            denom = v.sqrt().div_(bias_correction2_sqrt).add_(group["eps"])
+            p.addcdiv_(m, denom, value=-step_size)
+
+
+def _scratch(state: dict, name: str, source: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """source[rows], gathered into a buffer that persists (and only grows) across steps."""
+    buf = state.get(name)
+    if buf is None or buf.shape[0] < rows.numel():
+        buf = state[name] = source.new_empty((int(rows.numel() * 1.25) + 1, *source.shape[1:]))
+    out = buf[: rows.numel()]
+    torch.index_select(source, 0, rows, out=out)
+    return out
 
 
 def sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

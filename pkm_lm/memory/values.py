@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 
-def _row_gradients(indices: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor):
+def row_gradients(indices: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor):
     """Unique slots read, and for each the sum of weight * grad_out over its reads.
 
     Done as an embedding bag over grad_out with one bag per slot: no (reads x v_dim) buffer.
@@ -52,7 +52,7 @@ class _ValueBag(torch.autograd.Function):
                 out = F.embedding_bag(indices, table.detach(), mode="sum", per_sample_weights=w)
                 (grad_weights,) = torch.autograd.grad(out, w, grad_out)
         if ctx.needs_input_grad[2]:
-            rows, row_grads = _row_gradients(indices, weights, grad_out)
+            rows, row_grads = row_gradients(indices, weights, grad_out)
             if ctx.sparse:
                 grad_table = torch.sparse_coo_tensor(
                     rows[None], row_grads, table.shape, is_coalesced=True, check_invariants=False
