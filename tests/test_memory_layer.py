@@ -185,3 +185,23 @@ def test_autocast_runs_and_matches_fp32(dtype, tol, min_agree):
     with torch.autocast("cpu", dtype=dtype):
         mem(x).float().pow(2).mean().backward()
     assert all(torch.isfinite(p.grad).all() for p in mem.parameters() if p.grad is not None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_matches_cpu_fp32(dtype):
+    mem = make(n_keys=64, heads=4, knn=16, k_dim=64, dim=128, dtype=torch.float32, sparse_grad=True)
+    mem.eval()
+    x = torch.randn(256, 128)
+    ref = mem(x)
+    gpu = mem.cuda()
+    with torch.autocast("cuda", dtype=dtype):
+        out = gpu(x.cuda())
+    rel = ((out.float().cpu() - ref).norm() / ref.norm()).item()
+    assert rel < 0.1, rel  # a few near-tied slots may swap at the top-k boundary
+    gpu.train()
+    with torch.autocast("cuda", dtype=dtype):
+        gpu(x.cuda()).float().pow(2).mean().backward()
+    assert gpu.values.weight.grad.is_sparse
+    assert all(torch.isfinite(p.grad.to_dense()).all() for p in gpu.parameters())
