@@ -39,7 +39,8 @@ class ProductKeyMemory(nn.Module):
             self.sub_keys = nn.Parameter(torch.empty(cfg.heads, 2, cfg.n_keys, cfg.k_dim // 2))
         else:
             self.keys = nn.Parameter(torch.empty(cfg.heads, cfg.n_slots, cfg.k_dim))
-        self.values = nn.Embedding(cfg.n_slots, v_dim)
+        # Read through value_bag, never called; `sparse` tells DDP to expect sparse gradients.
+        self.values = nn.Embedding(cfg.n_slots, v_dim, sparse=cfg.sparse_grad)
         self.value_proj = nn.Linear(v_dim, output_dim) if v_dim != output_dim else None
         self.gate = nn.Linear(input_dim, output_dim, bias=False) if cfg.gated else None
         self.stats: MemoryStats | None = None  # set to collect usage/KL on every forward
