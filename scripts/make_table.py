@@ -9,6 +9,7 @@ run of the group, and writes ``<out>/<group>.md`` plus PNG plots beside it:
   - memsize, keys: memory size vs perplexity and vs inference speed, product and flat keys
     (the paper's Figure 7);
   - every group with memories: usage and KL per setting.
+``make_table.py params --out results`` writes the grid's parameter counts (results/params.md).
 Runs that have not finished (no test evaluation) are listed as missing, never silently dropped.
 """
 
@@ -42,6 +43,19 @@ PAPER_TABLE1 = {
     (16, 0, 1600): 14.36, (16, 1, 1600): 13.17,
     (24, 0, 1600): 13.95,
 }  # fmt: skip
+# What the paper found, per group (section 4), printed above our table to read it against.
+FINDINGS = {
+    "table1": "more layers, width and memories all help; 12 layers + 1 memory beat 24 layers "
+    "without memory, at about twice the inference speed; at dim 1600 a memory barely slows inference.",
+    "memsize": "a larger memory helps (16k -> 1M: 22.80 -> 17.98) at nearly constant inference time.",
+    "bn": "query BN matters for large memories (1M: usage 25.8% -> 80.3%, perplexity 19.79 -> "
+    "17.98) and little at 16k/65k, whose usage is already near 100%.",
+    "position": "the middle layers (4 or 5 of 6) are best, the first is worst, the last is poor.",
+    "heads": "equal heads x knn budgets ((1,64), (2,32), (4,16), (8,8)) perform alike; more heads "
+    "or more keys help; 4 x 32 is the chosen trade-off.",
+    "keys": "product keys beat flat keys in speed, usage and perplexity; flat-key time grows with "
+    "|K| while product-key time stays nearly flat (Figure 7).",
+}
 # The ablation numbers the paper states in its text (section 4.5): experiment -> (ppl, usage %).
 PAPER_ABLATION = {
     "memsize_16k": (22.80, None),
@@ -108,7 +122,23 @@ def collect(group: str, runs_dir: Path) -> list[Run]:
     ]
     if not runs:
         raise FileNotFoundError(f"no run of group {group!r} under {runs_dir}")
-    return runs
+    return sorted(runs, key=sort_key)
+
+
+def sort_key(run: Run) -> tuple:
+    """Order rows as the paper does: by depth, width, memories, then the ablated setting."""
+    mem = run.model["memory"]
+    return (
+        run.model["n_layers"],
+        run.model["dim"],
+        len(run.memory_layers),
+        mem["keys"] != "product",
+        run.slots,
+        not mem["query_batchnorm"],
+        mem["heads"] * mem["knn"],
+        mem["heads"],
+        run.memory_layers,
+    )
 
 
 def fmt(x: float | None, digits: int = 2) -> str:
@@ -145,7 +175,7 @@ def describe(run: Run) -> str:
         return f"{run.model['n_layers']} layers, dim {run.model['dim']}, no memory"
     where = ",".join(map(str, run.memory_layers))
     return (
-        f"{run.model['n_layers']}L d{run.model['dim']}, mem@{where}, |K|={size_label(run.slots)} "
+        f"{run.model['n_layers']}L d{run.model['dim']}, mem@{where}, \\|K\\|={size_label(run.slots)} "
         f"{mem['keys']}, {mem['heads']}x{mem['knn']}, BN {'on' if mem['query_batchnorm'] else 'off'}"
     )
 
@@ -177,13 +207,26 @@ def table1_grid(runs: list[Run]) -> list[str]:
         m = TABLE1_RE.match(r.name)
         by_key[(int(m.group(1)), int(m.group(2)), 1600 if m.group(3) else 1024)] = r
     cols = [(1024, n) for n in range(4)] + [(1600, n) for n in range(2)]
-    head = " | ".join(f"{'wide' if d == 1600 else 'base'}, {n} mem" for d, n in cols)
-    lines = [f"| layers | {head} |", "|---" * (len(cols) + 1) + "|"]
+    dims = {
+        d: sorted({r.model["dim"] for k, r in by_key.items() if k[2] == d}) for d in (1024, 1600)
+    }
+    head = " | ".join(f"dim {d}, {n} mem" for d, n in cols)
+    lines = [
+        "Columns name the paper's widths; ours at this scale: "
+        + ", ".join(f"{d} -> {'/'.join(map(str, ours)) or '-'}" for d, ours in dims.items())
+        + ".",
+        "",
+        f"| layers | {head} |",
+        "|---" * (len(cols) + 1) + "|",
+    ]
     for layers in (12, 16, 24):
         cells = []
         for d, n in cols:
             run, paper = by_key.get((layers, n, d)), PAPER_TABLE1.get((layers, n, d))
-            ours = fmt(ppl(run)) if run else ("not run" if paper else "-")
+            if run is None:
+                ours = "not run" if paper else "-"
+            else:
+                ours = fmt(ppl(run)) if run.test else "not finished"
             cells.append(ours if paper is None else f"{ours} ({paper:.2f})")
         lines.append(f"| {layers} | " + " | ".join(cells) + " |")
     return lines
@@ -274,6 +317,8 @@ def make_report(group: str, runs: list[Run], out: Path, scale: str) -> Path:
         "Perplexities are ours on our corpus; the paper's (CC-News, 28B words) are beside them",
         "for reference only: at a shrunk scale only the *direction* of a finding can compare.",
         "",
+        f"The paper: {FINDINGS[group]}",
+        "",
     ]
     plots = []
     if group == "table1":
@@ -310,17 +355,79 @@ def make_report(group: str, runs: list[Run], out: Path, scale: str) -> Path:
     return path
 
 
+def param_counts(
+    configs_dir: Path = Path("configs"),
+) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """(experiment, {scale: (parameters without token embedding, of which memory values)}).
+
+    Every scaled experiment (a paper-scale file with small/ and tiny/ twins) is composed by Hydra
+    and built on the meta device, so the counts are those of the models the sweep trains.
+    """
+    from hydra import compose, initialize_config_dir
+
+    from pkm_lm.config import register_configs, to_train_config
+    from pkm_lm.model import build_model
+
+    register_configs()
+    exp_dir = configs_dir / "experiment"
+    names = sorted(p.stem for p in (exp_dir / "tiny").glob("*.yaml"))
+    rows = []
+    with initialize_config_dir(str(configs_dir.resolve()), version_base=None):
+        for name in names:
+            counts = {}
+            for scale in ("paper", "small", "tiny"):
+                prefix = "" if scale == "paper" else f"{scale}/"
+                cfg = to_train_config(compose("train", [f"+experiment={prefix}{name}"]))
+                cfg.model.vocab_size = 1  # the token embedding is excluded below
+                model = build_model(cfg.model, "meta")
+                values = sum(p.numel() for p in model.value_parameters())
+                counts[scale] = (model.num_params(exclude_token_embedding=True), values)
+            rows.append((name, counts))
+    return sorted(rows, key=lambda row: (group_order(row[0]), row[1]["paper"][0], row[0]))
+
+
+def group_order(name: str) -> int:
+    """Table 1 first, then the ablation base and the ablation groups in sweep order."""
+    if TABLE1_RE.match(name):
+        return 0
+    return next((i for i, g in enumerate(GROUPS, 1) if name.startswith(g + "_")), 1)
+
+
+def param_table(rows: list[tuple[str, dict[str, tuple[int, int]]]]) -> str:
+    lines = [
+        "# Parameter counts of the experiment grid",
+        "",
+        "Millions of parameters without the (vocabulary-dependent, tied) token embedding, built on",
+        "the meta device from `configs/experiment/`; in brackets, the memory values among them.",
+        "Regenerate with `python scripts/make_table.py params --out results`.",
+        "",
+        "| experiment | paper | small | tiny |",
+        "|---|---|---|---|",
+    ]
+    for name, counts in rows:
+        cells = " | ".join(f"{n / 1e6:,.2f} ({v / 1e6:,.2f})" for n, v in counts.values())
+        lines.append(f"| {name} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("group", choices=GROUPS)
     parser.add_argument(
-        "--runs", type=Path, required=True, help="directory holding one folder per run"
+        "group", choices=(*GROUPS, "params"), help="a group, or params: the grid's sizes"
     )
+    parser.add_argument("--runs", type=Path, help="directory holding one folder per run")
     parser.add_argument("--out", type=Path, required=True, help="where <group>.md and the plots go")
     parser.add_argument("--scale", default="tiny", choices=("paper", "small", "tiny"))
     args = parser.parse_args()
+    if args.group == "params":
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_text(args.out / "params.md", param_table(param_counts()))
+        print(f"wrote {args.out / 'params.md'}")
+        return
+    if args.runs is None:
+        parser.error(f"{args.group} needs --runs DIR")
     path = make_report(args.group, collect(args.group, args.runs), args.out, args.scale)
     print(f"wrote {path}")
 
