@@ -310,3 +310,15 @@ def test_moses_matches_sacremoses():
             moses.tokenize_line(line)
             == tokenizer.tokenize(text, escape=False, return_str=True).strip()
         )
+
+
+def test_learnbpe_failure_is_reported(tmp_path, monkeypatch):
+    tool = tmp_path / "fast"
+    tool.write_text("#!/bin/sh\necho 'out of cheese' >&2\nexit 3\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PKM_FASTBPE", str(tool))
+    text = tmp_path / "train.tok"
+    text.write_text("a b c\n" * 300_000)  # more than a pipe holds: the tool dies mid-write
+    with pytest.raises(RuntimeError, match=r"failed \(3\): out of cheese"):
+        bpe_mod.learn_codes(text, tmp_path / "codes", 10)
+    assert not (tmp_path / "codes").exists() and not list(tmp_path.glob(".codes*"))

@@ -10,7 +10,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections import Counter
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -51,11 +53,17 @@ def check_readable(path: str | os.PathLike, what: str) -> Path:
     return path
 
 
-def learn_codes(text_path: str | os.PathLike, codes_path: str | os.PathLike, n_codes: int) -> int:
+def learn_codes(
+    text_path: str | os.PathLike,
+    codes_path: str | os.PathLike,
+    n_codes: int,
+    on_bytes: Callable[[int], None] | None = None,
+) -> int:
     """Learn `n_codes` merges on a tokenised text file; returns the number of codes written.
 
-    The text goes to `fast learnbpe` on stdin: given a path, it would mmap the whole file,
-    and its resident memory would grow with the corpus.
+    The text is fed to `fast learnbpe` on stdin in blocks (`on_bytes` hears of each, for a
+    progress bar): given a path, the tool would mmap the whole file, and its resident
+    memory would grow with the corpus.
     """
     if n_codes < 1:
         raise ValueError(f"bpe.n_codes={n_codes} must be >= 1")
@@ -64,13 +72,23 @@ def learn_codes(text_path: str | os.PathLike, codes_path: str | os.PathLike, n_c
     codes_path = Path(codes_path)
     tmp = codes_path.with_name(f".{codes_path.name}.tmp-{os.getpid()}")
     try:
-        with open(text_path, "rb") as src, open(tmp, "wb") as dst:
-            result = subprocess.run(cmd, stdin=src, stdout=dst, stderr=subprocess.PIPE, check=False)
-        if result.returncode != 0:
-            stderr = result.stderr.decode(errors="replace")[-2000:]
-            raise RuntimeError(
-                f"`{' '.join(cmd)} < {text_path}` failed ({result.returncode}): {stderr}"
-            )
+        with open(tmp, "wb") as dst, tempfile.TemporaryFile() as err, open(text_path, "rb") as src:
+            proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=dst, stderr=err)
+            try:
+                while block := src.read(1 << 20):
+                    proc.stdin.write(block)
+                    if on_bytes is not None:
+                        on_bytes(len(block))
+            except BrokenPipeError:
+                pass  # the tool died: its exit status and message are reported below
+            finally:
+                proc.stdin.close()
+            if proc.wait() != 0:
+                err.seek(0)
+                message = err.read().decode(errors="replace")[-2000:]
+                raise RuntimeError(
+                    f"`{' '.join(cmd)} < {text_path}` failed ({proc.returncode}): {message}"
+                )
         with open(tmp, "rb") as f:
             n = sum(1 for _ in f)
         os.replace(tmp, codes_path)

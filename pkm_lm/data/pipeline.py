@@ -262,8 +262,7 @@ class Preprocessor:
 
     def _learn_bpe(self, src: Path, codes: Path) -> tuple[list[Path], dict]:
         with _bar(f"learnbpe {self.cfg.bpe.n_codes}", src.stat().st_size) as bar:
-            n = bpe.learn_codes(src, codes, self.cfg.bpe.n_codes)
-            bar.update(src.stat().st_size)
+            n = bpe.learn_codes(src, codes, self.cfg.bpe.n_codes, on_bytes=bar.update)
         if n < self.cfg.bpe.n_codes:
             log.warning("learnbpe found only %d merges (bpe.n_codes=%d)", n, self.cfg.bpe.n_codes)
         return [codes], {"bytes": src.stat().st_size, "codes": n}
