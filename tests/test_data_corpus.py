@@ -62,6 +62,9 @@ def test_books_corpus(tmp_path):
     for s, t in text.items():
         assert "gutenberg" not in t.lower(), s
         assert "print i, c" not in t and "\n\n" not in t  # big.txt's trailing code; blank lines
+    mtime = (tmp_path / "train.txt").stat().st_mtime_ns
+    assert corpus.build_books(tmp_path) == index  # a rebuild leaves identical files untouched
+    assert (tmp_path / "train.txt").stat().st_mtime_ns == mtime
     train_lines = set(text["train"].split("\n"))
     held = [line for s in ("valid", "test") for line in text[s].split("\n") if len(line) > 200]
     assert held and not any(line in train_lines for line in held)

@@ -176,20 +176,29 @@ def assign_fixed(docs: list[Document], heldout: dict[str, list[str]]) -> dict[st
     return out
 
 
+def _write_if_changed(path: Path, data: bytes) -> None:
+    """Atomic write that leaves an identical file untouched, so its mtime (which
+    preprocessing uses to see whether a raw file changed) survives a rebuild."""
+    if path.is_file() and path.stat().st_size == len(data) and path.read_bytes() == data:
+        return
+    atomic_write_bytes(path, data)
+
+
 def write_splits(out_dir: Path, splits: dict[str, Iterable[Document]]) -> dict:
-    """Write each split (one paragraph per line) atomically, plus documents.json (an index)."""
+    """Write each split (one paragraph per line), plus documents.json (an index)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     index = {}
     for split in SPLITS:
         docs = list(splits[split])
         text = "".join(p + "\n" for d in docs for p in d.paragraphs)
-        atomic_write_bytes(out_dir / f"{split}.txt", text.encode("utf-8"))
+        data = text.encode("utf-8")
+        _write_if_changed(out_dir / f"{split}.txt", data)
         index[split] = {
-            "bytes": len(text.encode("utf-8")),
+            "bytes": len(data),
             "words": len(text.split()),
             "documents": {d.name: d.n_bytes for d in docs},
         }
-    atomic_write_bytes(out_dir / "documents.json", (json.dumps(index, indent=2) + "\n").encode())
+    _write_if_changed(out_dir / "documents.json", (json.dumps(index, indent=2) + "\n").encode())
     return index
 
 
