@@ -322,3 +322,23 @@ def test_learnbpe_failure_is_reported(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"failed \(3\): out of cheese"):
         bpe_mod.learn_codes(text, tmp_path / "codes", 10)
     assert not (tmp_path / "codes").exists() and not list(tmp_path.glob(".codes*"))
+
+
+def _slow_square(x):
+    import time
+
+    time.sleep(0.02 * (x % 3))  # later items often finish first
+    if x == 13:
+        raise ZeroDivisionError("item 13")
+    return x * x
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ordered_map_keeps_order_and_raises(workers):
+    from pkm_lm.data.textio import ordered_map
+
+    assert list(ordered_map(_slow_square, range(12), workers)) == [(i, i * i) for i in range(12)]
+    with pytest.raises(ZeroDivisionError, match="item 13"):
+        list(ordered_map(_slow_square, range(20), workers))
+    with pytest.raises(ValueError, match="workers=0"):
+        list(ordered_map(_slow_square, range(3), 0))
