@@ -3,17 +3,18 @@
 # 2019): train every experiment of a group, evaluate it on the test split, then write the group's
 # table and plots with the paper's numbers beside ours (scripts/make_table.py).
 #
-#   scripts/sweep.sh GROUP [--scale paper|small|tiny] [--gpus N] [--data DIR] [--runs DIR]
+#   scripts/sweep.sh GROUP [--scale paper|small|tiny|cpu] [--gpus N] [--data DIR] [--runs DIR]
 #                          [--out DIR] [--dry-run] [-- OVERRIDE ...]
 #
-#   GROUP     table1 | memsize | bn | position | heads | keys   (the lists are below)
+#   GROUP     table1 | memsize | bn | position | heads | keys | headline   (the lists are below)
 #   --scale   paper (default): the paper's settings, meant for 8-32 GPUs;
 #             small: one GPU, a whole group in about an hour of an H100;
-#             tiny: 2 CPU cores, a whole group in minutes (proves the machinery, not the findings).
+#             tiny: 2 CPU cores, a whole group in minutes (proves the machinery, not the findings);
+#             cpu: the headline group only, ~2 hours on 2 CPU cores.
 #             Each experiment NAME runs as +experiment=NAME (paper) or +experiment=SCALE/NAME;
 #             configs/scale/SCALE.yaml says what the scale changes.
 #   --gpus N  processes per run; N > 1 launches the trainer under torchrun (DDP).
-#   --data    preprocessed dataset (default: the scale's data.dir; tiny makes its own).
+#   --data    preprocessed dataset (default: the scale's data.dir; tiny and cpu make theirs).
 #   --runs    where run directories go (default runs/SCALE); --out: results (default results/SCALE).
 #   --dry-run print every command instead of running it.
 #   -- ...    extra Hydra overrides for every training run, e.g. -- train.max_steps=10
@@ -33,8 +34,11 @@ BN=(bn_on_16k bn_off_16k bn_on_65k bn_off_65k bn_on_1M bn_off_1M)
 POSITION=(position_1 position_2 position_3 position_4 position_5 position_6)
 HEADS=(heads_1x64 heads_2x32 heads_4x16 heads_8x8 heads_4x32 heads_8x32 heads_4x64)
 KEYS=(keys_product_16k keys_product_65k keys_product_262k keys_flat_16k keys_flat_65k keys_flat_262k)
+# The headline finding trained long enough on a CPU to mean something (--scale cpu only):
+# L layers + 1 memory vs 2L layers vs L layers, the same tokens each.
+HEADLINE=(headline_2L headline_2L_1mem headline_4L)
 
-usage() { sed -n '6,19p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '6,20p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 # ---- Arguments ------------------------------------------------------------------------------
 [[ $# -ge 1 ]] || usage
@@ -46,7 +50,8 @@ case $GROUP in
   position) EXPERIMENTS=("${POSITION[@]}") ;;
   heads) EXPERIMENTS=("${HEADS[@]}") ;;
   keys) EXPERIMENTS=("${KEYS[@]}") ;;
-  *) echo "sweep.sh: GROUP=$GROUP is not a group; choose one of table1 memsize bn position heads keys" >&2
+  headline) EXPERIMENTS=("${HEADLINE[@]}") ;;
+  *) echo "sweep.sh: GROUP=$GROUP is not a group; choose one of table1 memsize bn position heads keys headline" >&2
      exit 2 ;;
 esac
 SCALE=paper GPUS=1 DATA="" RUNS="" OUT="" DRY_RUN=0 OVERRIDES=()
@@ -64,9 +69,13 @@ while [[ $# -gt 0 ]]; do
 done
 case $SCALE in
   paper) PREFIX="" ;;
-  small|tiny) PREFIX="$SCALE/" ;;
-  *) echo "sweep.sh: --scale=$SCALE is not a scale; choose one of paper small tiny" >&2; exit 2 ;;
+  small|tiny|cpu) PREFIX="$SCALE/" ;;
+  *) echo "sweep.sh: --scale=$SCALE is not a scale; choose one of paper small tiny cpu" >&2; exit 2 ;;
 esac
+if [[ $GROUP == headline && $SCALE != cpu ]] || [[ $GROUP != headline && $SCALE == cpu ]]; then
+  echo "sweep.sh: the headline group runs at --scale cpu only, and --scale cpu runs only it" >&2
+  exit 2
+fi
 [[ $GPUS =~ ^[1-9][0-9]*$ ]] || { echo "sweep.sh: --gpus=$GPUS must be a positive integer" >&2; exit 2; }
 RUNS=${RUNS:-runs/$SCALE}
 OUT=${OUT:-results/$SCALE}
@@ -99,8 +108,13 @@ EOF
 }
 
 # ---- Data -----------------------------------------------------------------------------------
-# The tiny scale makes its own small dataset from the books corpus of `make data`: a slice of
-# each split and 2,000 BPE codes, so that a 24-layer model evaluates the whole split in seconds.
+# The CPU scales make their data from the books corpus of `make data`. cpu: the whole corpus
+# with the preprocessing defaults (8,000 BPE codes). tiny: a slice of each split and 2,000 codes,
+# so that a 24-layer model evaluates the whole split in seconds.
+prepare_books_data() {
+  [[ -f data/raw/books/train.txt ]] || run "$PY" -m pkm_lm.data.corpus books
+  run "$PY" -m pkm_lm.preprocess raw_dir=data/raw/books out_dir=data/bin/books
+}
 TINY_RAW=data/raw/tiny TINY_BIN=data/bin/tiny
 prepare_tiny_data() {
   [[ -f data/raw/books/train.txt ]] || run "$PY" -m pkm_lm.data.corpus books
@@ -120,6 +134,7 @@ if [[ -z $DATA ]]; then
   # The scale's own default (configs/scale/SCALE.yaml), read back here only to check it exists.
   DATA=$(sed -n 's/^  dir: *\([^ #]*\).*/\1/p' "configs/scale/$SCALE.yaml")
   if [[ $SCALE == tiny && ! -f $DATA/dataset.json ]]; then prepare_tiny_data; fi
+  if [[ $SCALE == cpu && ! -f $DATA/dataset.json ]]; then prepare_books_data; fi
 fi
 if [[ $DRY_RUN == 0 && ! -f $DATA/dataset.json ]]; then
   echo "sweep.sh: no dataset at $DATA (no dataset.json). Prepare one with" >&2

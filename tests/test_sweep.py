@@ -23,13 +23,14 @@ FIXTURES = ROOT / "tests" / "fixtures" / "sweep"
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_table  # noqa: E402  (a script, importable once scripts/ is on the path)
 
-SCALES = ("paper", "small", "tiny")
+SCALES = ("paper", "small", "tiny")  # every group but headline, which runs at the cpu scale only
 TABLE1 = [
     "12L_0mem", "12L_1mem", "12L_2mem", "12L_3mem", "16L_0mem", "16L_1mem", "16L_2mem",
     "24L_0mem", "24L_1mem", "12L_0mem_1600d", "12L_1mem_1600d", "16L_0mem_1600d",
     "16L_1mem_1600d", "24L_0mem_1600d",
 ]  # fmt: skip
 ABLATIONS = ("memsize", "bn", "position", "heads", "keys")
+GROUP_SCALES = [(g, s) for g in ("table1", *ABLATIONS) for s in SCALES] + [("headline", "cpu")]
 # |K| and width of each scale relative to the paper (configs/scale/*.yaml say the same in words).
 SLOT_DIVISOR = {"paper": 1, "small": 4, "tiny": 16}
 DIMS = {"paper": (1024, 1600), "small": (256, 400), "tiny": (64, 100)}
@@ -39,7 +40,8 @@ def group_experiments(group: str) -> list[str]:
     """What a group must sweep: Table 1's cells, or every configs/experiment/<group>_*.yaml."""
     if group == "table1":
         return TABLE1
-    return sorted(p.stem for p in (ROOT / "configs" / "experiment").glob(f"{group}_*.yaml"))
+    folder = ROOT / "configs" / "experiment" / ("cpu" if group == "headline" else "")
+    return sorted(p.stem for p in folder.glob(f"{group}_*.yaml"))
 
 
 def sweep(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -50,7 +52,9 @@ def sweep(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 
 def dry_run(group: str, scale: str, *extra: str) -> list[list[str]]:
-    out = sweep(group, "--scale", scale, "--dry-run", "--data", "D", "--runs", "R", "--out", "O", *extra)
+    out = sweep(
+        group, "--scale", scale, "--dry-run", "--data", "D", "--runs", "R", "--out", "O", *extra
+    )
     return [shlex.split(line) for line in out.stdout.splitlines() if not line.startswith("==")]
 
 
@@ -58,15 +62,14 @@ def train_overrides(cmd: list[str]) -> list[str]:
     return cmd[cmd.index("pkm_lm.train") + 1 :]
 
 
-@pytest.mark.parametrize("scale", SCALES)
-@pytest.mark.parametrize("group", ("table1", *ABLATIONS))
+@pytest.mark.parametrize(("group", "scale"), GROUP_SCALES)
 def test_dry_run_lists_every_experiment(group, scale):
     cmds = dry_run(group, scale, "--gpus", "2", "--", "train.seed=3")
     prefix = "" if scale == "paper" else f"{scale}/"
     trains = [c for c in cmds if "pkm_lm.train" in c]
     evals = [c for c in cmds if "pkm_lm.evaluate" in c]
     names = group_experiments(group)
-    assert len(names) >= 4
+    assert len(names) >= 3
     assert sorted(train_overrides(c) for c in trains) == sorted(
         [f"+experiment={prefix}{n}", f"run_dir=R/{n}", "data.dir=D", "train.seed=3"] for n in names
     )
@@ -83,6 +86,8 @@ def test_single_process_command_and_bad_arguments():
     for args, message in (
         (["nope"], "GROUP=nope is not a group"),
         (["bn", "--scale", "huge"], "--scale=huge is not a scale"),
+        (["bn", "--scale", "cpu"], "runs at --scale cpu only"),
+        (["headline", "--scale", "tiny"], "runs at --scale cpu only"),
         (["bn", "--gpus", "0"], "--gpus=0 must be a positive integer"),
         (["bn", "--frobnicate"], "unknown argument --frobnicate"),
     ):
@@ -103,16 +108,14 @@ def composed():
     register_configs()
     out = {}
     with initialize_config_dir(str(ROOT / "configs"), version_base=None):
-        for scale in SCALES:
-            out[scale] = {}
-            for group in ("table1", *ABLATIONS):
-                runs = {}
-                for cmd in dry_run(group, scale):
-                    if "pkm_lm.train" in cmd:
-                        overrides = train_overrides(cmd)
-                        name = overrides[0].rsplit("/", 1)[-1].removeprefix("+experiment=")
-                        runs[name] = to_train_config(compose("train", overrides))
-                out[scale][group] = runs
+        for group, scale in GROUP_SCALES:
+            runs = {}
+            for cmd in dry_run(group, scale):
+                if "pkm_lm.train" in cmd:
+                    overrides = train_overrides(cmd)
+                    name = overrides[0].rsplit("/", 1)[-1].removeprefix("+experiment=")
+                    runs[name] = to_train_config(compose("train", overrides))
+            out.setdefault(scale, {})[group] = runs
     return out
 
 
@@ -120,13 +123,21 @@ def run_tokens(cfg) -> int:
     return cfg.train.batch_size * cfg.data.seq_len * cfg.train.max_steps
 
 
-@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("scale", (*SCALES, "cpu"))
 def test_every_command_composes_with_the_same_budget_per_group(composed, scale):
-    for group, runs in composed[scale].items():
+    for runs in composed[scale].values():
         assert {run_tokens(c) for c in runs.values()} == {run_tokens(runs[next(iter(runs))])}
         for name, cfg in runs.items():
             assert cfg.optim.value_lr == pytest.approx(4 * cfg.optim.lr), name
-            assert cfg.model.dim == DIMS[scale][1 if name.endswith("_1600d") else 0], name
+            if scale in DIMS:
+                assert cfg.model.dim == DIMS[scale][1 if name.endswith("_1600d") else 0], name
+
+
+def test_headline_is_l_plus_memory_vs_2l_vs_l(composed):
+    runs = composed["cpu"]["headline"]
+    shapes = {n: (c.model.n_layers, c.model.memory_layers) for n, c in runs.items()}
+    assert shapes == {"headline_2L": (2, []), "headline_2L_1mem": (2, [2]), "headline_4L": (4, [])}
+    assert 6_000_000 <= run_tokens(runs["headline_2L"]) <= 7_000_000
 
 
 @pytest.mark.parametrize("scale", ("small", "tiny"))
@@ -151,11 +162,17 @@ def test_paper_settings(composed):
         assert (mem.n_slots, mem.heads, mem.knn, mem.k_dim) == (512**2, 4, 32, 512), name
         assert mem.query_batchnorm and mem.keys == "product", name
         assert (cfg.model.n_heads, cfg.train.precision) == (16, "fp16"), name
-        assert (cfg.optim.lr, cfg.optim.value_lr, list(cfg.optim.betas)) == (2.5e-4, 1e-3, [0.9, 0.98])
+        assert (cfg.optim.lr, cfg.optim.value_lr, list(cfg.optim.betas)) == (
+            2.5e-4,
+            1e-3,
+            [0.9, 0.98],
+        )
     placement = {n: c.model.memory_layers for n, c in composed["paper"]["table1"].items()}
     assert placement["16L_2mem"] == [6, 12]  # the paper's example of spreading evenly
     ablation = composed["paper"]["position"]
-    assert [ablation[f"position_{i}"].model.memory_layers for i in range(1, 7)] == [[i] for i in range(1, 7)]
+    assert [ablation[f"position_{i}"].model.memory_layers for i in range(1, 7)] == [
+        [i] for i in range(1, 7)
+    ]
 
 
 def test_param_table_is_current():
@@ -172,7 +189,7 @@ def test_make_table_on_fixtures(tmp_path, group):
     for image in tmp_path.glob("*.png"):
         assert image.read_bytes()[:4] == b"\x89PNG"
     pngs = {p.name for p in tmp_path.glob("*.png")}
-    assert pngs == {"table1": {"table1_speed_ppl.png", "table1_usage.png"},
+    assert pngs == {"table1": {"table1_speed_ppl.png", "table1_usage.png", "table1_curves.png"},
                     "keys": {"keys_size.png", "keys_usage.png"}, "bn": {"bn_usage.png"}}[group]  # fmt: skip
 
 
