@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -53,7 +54,15 @@ def test_round_trip_equals_tokenised_bpe_text(dataset):
     assert manifest["vocab_size"] == len(vocab) and manifest["dtype"] == "uint16"
     assert vocab.itos[:4] == ["<s>", "</s>", "<pad>", "<unk>"]
     assert (dataset / "codes").is_file() and (dataset / "vocab.txt").is_file()
-    applier = bpe_mod.BPEApplier(dataset / "codes", dataset / "vocab.txt")
+    import fastBPE
+
+    applier = fastBPE.fastBPE(str(dataset / "codes"), str(dataset / "vocab.txt"))  # uncached
+    train_tok = [t for t in (moses.tokenize_line(x) for x in (RAW / "train.txt").open()) if t]
+    counts = Counter(
+        t for line in fastBPE.fastBPE(str(dataset / "codes")).apply(train_tok) for t in line.split()
+    )
+    vocab_file = (dataset / "vocab.txt").read_text(encoding="utf-8").split("\n")[:-1]
+    assert {t: int(c) for t, c in (line.split(" ") for line in vocab_file)} == counts
     for split in ("train", "valid", "test"):
         raw = (RAW / f"{split}.txt").read_text(encoding="utf-8").split("\n")
         expected_tok = [moses.tokenize_line(line) for line in raw]

@@ -111,7 +111,7 @@ class _CountBPE:
     def __call__(self, chunk: Chunk) -> Counter:
         if not hasattr(self, "_bpe"):
             self._bpe = bpe.BPEApplier(self.codes)
-        return bpe.count_tokens(self._bpe.apply(chunk.lines))
+        return bpe.count_bpe_tokens(chunk.lines, self._bpe)
 
 
 @dataclass
