@@ -204,3 +204,17 @@ def test_wandb_logger_without_wandb_says_how_to_install(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
     with pytest.raises(ImportError, match=re.escape("pip install 'pkm-lm[wandb]'")):
         MetricLogger(tmp_path, kind="wandb")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_cuda_mixed_precision_training_matches_fp32_closely(data_dir, tmp_path, precision):
+    common = ["train.max_steps=5", "train.log_interval=1", "train.eval_interval=5",
+              "model.dropout=0", "model.attn_dropout=0"]  # fmt: skip
+    train(*tiny_args(data_dir, tmp_path / "fp32", *common))
+    train(*tiny_args(data_dir, tmp_path / precision, f"train.precision={precision}", *common))
+    full, mixed = train_losses(tmp_path / "fp32"), train_losses(tmp_path / precision)
+    assert len(full) == len(mixed) == 5
+    for (_, a), (_, b) in zip(full, mixed, strict=True):
+        assert b == pytest.approx(a, rel=2e-2)
