@@ -172,7 +172,8 @@ class Trainer:
         params = list(self.model.parameters())
         loss_acc = torch.zeros(2, dtype=torch.float64, device=env.device)  # [sum loss, steps]
         mem_stats = attach_memory_stats(self.model)
-        interval_start, interval_steps = time.perf_counter(), 0
+        # Speed counts training steps only: evaluation and checkpoint time is excluded.
+        interval_s, interval_steps = 0.0, 0
         bar = tqdm(
             total=t.max_steps,
             initial=self.step,
@@ -184,16 +185,16 @@ class Trainer:
             loss_acc[0] += self._train_step(params)
             loss_acc[1] += 1
             self.step += 1
+            step_s = time.perf_counter() - step_start
+            interval_s += step_s
             interval_steps += 1
-            self.elapsed_s += time.perf_counter() - step_start
+            self.elapsed_s += step_s
             bar.update(1)
             last = self.step == t.max_steps
             if self.step % t.log_interval == 0 or last:
-                self._log_train(
-                    loss_acc, mem_stats, time.perf_counter() - interval_start, interval_steps
-                )
+                self._log_train(loss_acc, mem_stats, interval_s, interval_steps)
                 loss_acc.zero_()
-                interval_start, interval_steps = time.perf_counter(), 0
+                interval_s, interval_steps = 0.0, 0
             if self.step % t.eval_interval == 0 or last:
                 detach_memory_stats(self.model)
                 self._evaluate()
