@@ -3,9 +3,9 @@
 Preprocesses the default books corpus (`make data`) with 1 and 2 workers, once as is and
 once with its training text concatenated 4x, and prints a markdown table: MB/s of each
 step (raw bytes in / step seconds) and end to end (raw bytes / wall time of the command,
-start-up included), and peak memory of the whole process tree. Memory is PSS (pages
-shared between forked workers counted once), sampled every 50 ms. Then it times the loader
-on the preprocessed train split.
+start-up included), and the peak of the RSS summed over the process tree, sampled every
+50 ms. Then it compares Moses with stock sacremoses and times the loader on the
+preprocessed train split.
 
 Machine-dependent: on a shared box run it alone. --max-mb cuts the corpus for a quick run.
 """
@@ -26,14 +26,20 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("moses", "learnbpe", "vocab", "binarize")
 
 
-def tree_pss_kb(pid: int) -> int:
-    """Sum of PSS over `pid` and its descendants (0 for processes that just exited)."""
+def tree_rss_kb(pid: int) -> int:
+    """RSS summed over `pid` and its descendants (0 for processes that just exited).
+
+    Pages that forked workers share with the main process count once per process, so
+    this is an upper bound on the memory the pipeline uses. (PSS, which splits shared
+    pages, creeps up with the amount of text processed as copy-on-write unshares pages,
+    towards this bound.)
+    """
     total, stack = 0, [pid]
     while stack:
         p = stack.pop()
         try:
-            with open(f"/proc/{p}/smaps_rollup") as f:
-                total += next(int(line.split()[1]) for line in f if line.startswith("Pss:"))
+            with open(f"/proc/{p}/status") as f:
+                total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as f:
                     stack.extend(int(c) for c in f.read().split())
@@ -43,12 +49,12 @@ def tree_pss_kb(pid: int) -> int:
 
 
 def run_measured(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak PSS in MB) of a command and its children."""
+    """(wall seconds, peak summed RSS in MB) of a command and its children."""
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
     while proc.poll() is None:
-        peak = max(peak, tree_pss_kb(proc.pid))
+        peak = max(peak, tree_rss_kb(proc.pid))
         time.sleep(0.05)
     wall = time.perf_counter() - t0
     if proc.returncode:
@@ -176,7 +182,7 @@ def main() -> None:
         print(
             "\n| corpus | workers | "
             + " | ".join(f"{s} MB/s" for s in STEPS)
-            + " | end to end MB/s | peak PSS MB |"
+            + " | end to end MB/s | peak RSS MB (all processes) |"
         )
         print("|---|---|" + "---|" * (len(STEPS) + 2))
         for corpus, workers, rates, e2e, peak in rows:

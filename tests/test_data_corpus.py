@@ -75,7 +75,7 @@ def test_wikitext_recipe_from_local_archive(tmp_path):
     src.parent.mkdir()
     articles = {
         "train": " = Alpha = \n \n Alpha text one . \n \n = = Section = = \n \n More alpha . \n \n = Beta = \n \n Beta text . \n",
-        "valid": " = Gamma = \n \n Gamma text . \n",
+        "valid": " = Gamma = \n \n A well @-@ known 8 @,@ 600 km or 2 @.@ 5 m . \n",
         "test": " = Delta = \n \n Delta text . \n",
     }
     with zipfile.ZipFile(src, "w") as z:
@@ -89,6 +89,7 @@ def test_wikitext_recipe_from_local_archive(tmp_path):
         "Alpha text one .",
         "= = Section = =",
     ]
+    assert (out / "valid.txt").read_text() == "= Gamma =\nA well-known 8,600 km or 2.5 m .\n"
     assert (out / "download" / src.name).read_bytes() == src.read_bytes()
     assert not list((out / "download").glob(".*tmp*"))
     (out / "download" / src.name).write_bytes(b"not a zip")  # cached download is reused

@@ -231,12 +231,19 @@ def download(url: str, dest: Path) -> Path:
     return dest
 
 
+_WIKITEXT_JOINERS = {" @-@ ": "-", " @,@ ": ",", " @.@ ": "."}
+
+
 def wikitext_documents(lines: Iterable[str], split: str) -> Iterator[Document]:
     """WikiText raw files: an article starts at a ` = Title = ` line; blank lines separate
-    paragraphs. The official split is already by article."""
+    paragraphs. The official split is already by article. The text comes tokenised, with
+    number and hyphen splits marked (`8 @,@ 600`, `well @-@ known`): those are joined back,
+    since our Moses step tokenises again."""
     name, paras = None, []
     for line in lines:
         text = line.strip()
+        for marked, joined in _WIKITEXT_JOINERS.items():
+            text = text.replace(marked, joined)
         title = re.fullmatch(r"= ([^=].*?) =", text)
         if title:
             if paras:
