@@ -95,10 +95,8 @@ class Trainer:
         self.logger = None
 
     def _wrap_ddp(self) -> DDP:
-        # DDP decides which buckets carry sparse gradients from nn.Embedding.sparse; the memory
-        # reads its table through its own sparse-gradient function, so declare it here.
-        for mem in self.model.memories.values():
-            mem.values.sparse = mem.config.sparse_grad
+        # The memory's value table declares nn.Embedding(sparse=sparse_grad), which is how DDP
+        # knows to put its sparse gradient in a bucket of its own.
         device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
         return DDP(self.model, device_ids=device_ids)
 
@@ -108,6 +106,7 @@ class Trainer:
         if path is None:
             return
         state = load_checkpoint(path, map_location=self.env.device)
+        self._check_same_run(state["config"], path)
         self.model.load_state_dict(state["model"])
         self.optim.load_state_dict(state["optim"])
         self.scaler.load_state_dict(state["scaler"])
@@ -120,6 +119,27 @@ class Trainer:
             torch.manual_seed(self.cfg.train.seed + self.env.rank + 1_000_003 * self.step)
         if self.env.is_main:
             print(f"resumed from {path} (step {self.step})", flush=True)
+
+    def _check_same_run(self, saved: dict, path: Path) -> None:
+        """Refuse to resume a run under settings that change what it trains (the intervals,
+        max_steps, logger and data.dir may change)."""
+        now = OmegaConf.to_container(OmegaConf.structured(self.cfg))
+        fields = [("model", k) for k in now["model"]] + [
+            ("data", "seq_len"),
+            ("data", "shuffle"),
+            ("train", "batch_size"),
+            ("train", "seed"),
+        ]
+        changed = [
+            f"{group}.{key}: {saved[group][key]!r} -> {now[group][key]!r}"
+            for group, key in fields
+            if saved[group][key] != now[group][key]
+        ]
+        if changed:
+            raise ValueError(
+                f"cannot resume {path}: it was trained with other settings ({'; '.join(changed)}); "
+                "use another run_dir or the original settings"
+            )
 
     def _save(self) -> None:
         rng = all_gather_objects(_rng_state(self.env.device))

@@ -3,7 +3,7 @@
     python scripts/bench_train.py [--dim 512 --heads 8 --layers 4 --seq-len 128 --batch 8]
                                   [--n-keys 512] [--steps 6] [--threads 2] [--nproc 1 2]
 
-Random tokens (speed does not depend on the text), fp32, the trainer's own model, optimisers
+Random tokens (speed does not depend on the text), fp32, median step time, the trainer's own model, optimisers
 and clipping (memory values: sparse gradient + LazyAdam at |K| = n_keys^2). ``--nproc 2`` also
 trains with 2 DDP processes (gloo) on the same global batch, threads split between them.
 Prints a Markdown table.
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import statistics
 import time
 
 import torch
@@ -49,8 +50,6 @@ def train_speed(args, cfg: ModelConfig, rank: int = 0, world: int = 1) -> float:
     optim = build_optimizers(model, values, OptimConfig(warmup_steps=1))
     net = model
     if world > 1:
-        for mem in model.memories.values():
-            mem.values.sparse = True
         net = torch.nn.parallel.DistributedDataParallel(model)
     params = list(model.parameters())
     gen = torch.Generator().manual_seed(rank)
@@ -68,7 +67,7 @@ def train_speed(args, cfg: ModelConfig, rank: int = 0, world: int = 1) -> float:
         optim.zero_grad()
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
-    return args.batch * args.seq_len / (sum(times) / len(times))
+    return args.batch * args.seq_len / statistics.median(times)
 
 
 @torch.no_grad()
@@ -82,7 +81,7 @@ def infer_speed(args, cfg: ModelConfig) -> float:
         model(batch)
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
-    return args.batch * args.seq_len / (sum(times) / len(times))
+    return args.batch * args.seq_len / statistics.median(times)
 
 
 def _ddp_worker(rank: int, world: int, port: int, args, cfg: ModelConfig, out) -> None:

@@ -105,6 +105,8 @@ def test_metrics_contract_checkpoints_evaluate_and_generate(data_dir, tmp_path):
 
     again = train(*args).stdout  # the same command on a finished run does nothing
     assert "already finished" in again and read_metrics(run_dir) == records
+    changed = train(*args, "model.dim=64", "model.memory.k_dim=8", check=False)
+    assert changed.returncode != 0 and "model.dim: 32 -> 64" in changed.stderr
 
     out = run(["-m", "pkm_lm.evaluate", f"run_dir={run_dir}", "split=test"]).stdout
     assert "eval test @ step 4" in out
