@@ -9,9 +9,11 @@ clipping, optimiser step with the trainer's optimisers: Adam + LazyAdam on row-s
     layer 5) with product keys at |K| = 4k..1M and flat keys at 4k..65k;
   - table1 (the speed axis of Figure 4): the 14 Table 1 shapes (depth, memories spread evenly)
     at a CPU-feasible width: dim 1024 -> 128 and 1600 -> 200.
-This machine is shared and noisy, so variants alternate round by round (each round times every
-variant once, in a new order) and the report gives medians over rounds and ratios measured side
-by side. One thread by default: on a busy 2-core machine a second thread mostly adds noise.
+This machine is shared and noisy: wall-clock timings of the same model spread by up to 120%
+between rounds here. So the clock is the process's CPU time (``time.process_time``) with one
+intra-op thread: tokens per CPU-second, which other processes on the machine barely disturb.
+Variants still alternate round by round (each round times every variant once, in a new order)
+and the report gives medians over rounds and ratios measured side by side.
 """
 
 from __future__ import annotations
@@ -103,12 +105,12 @@ def table1_variants() -> list[Variant]:
 
 
 def timed(fn, min_seconds: float, max_iters: int) -> float:
-    """Median seconds per call of ``fn`` over as many calls as fit in ``min_seconds`` (>= 1)."""
+    """Median CPU seconds per call of ``fn`` over as many calls as fit in ``min_seconds`` (>= 1)."""
     times = []
     while not times or (sum(times) < min_seconds and len(times) < max_iters):
-        start = time.perf_counter()
+        start = time.process_time()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return statistics.median(times)
 
 
@@ -273,7 +275,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--part", choices=("memsize", "table1", "all"), default="all")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument(
         "--min-seconds", type=float, default=0.5, help="timing per variant per round"
     )
@@ -304,7 +306,9 @@ def main() -> None:
         "# CPU speed study",
         "",
         f"Measured by `python scripts/bench_speed.py` on a shared 2-core CPU, torch.set_num_threads"
-        f"({args.threads}); medians over rounds, variants interleaved. Spread = (max - min) / median over rounds.",
+        f"({args.threads}). Tokens per CPU-second of the process (robust to the other processes on "
+        f"the machine); medians over {args.rounds} rounds, variants interleaved. "
+        "Spread = (max - min) / median over rounds.",
         "",
     ]
     if "memsize" in results:
