@@ -169,3 +169,9 @@ def test_resolved_config_round_trips_through_yaml(tmp_path):
         OmegaConf.merge(OmegaConf.structured(TrainConfig), OmegaConf.load(path))
     )
     assert again == cfg
+
+
+def test_logger_group_selects_wandb_offline():
+    cfg = compose_train(["logger=wandb"])
+    assert (cfg.logger.kind, cfg.logger.mode) == ("wandb", "offline")
+    assert compose_train([]).logger.kind == "console"
