@@ -120,7 +120,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--nproc", type=int, nargs="+", default=[1], help="process counts to train with")
+    p.add_argument(
+        "--nproc", type=int, nargs="+", default=[1, 2], help="process counts to train with"
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
