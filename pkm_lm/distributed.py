@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -70,6 +71,39 @@ def all_gather_objects(obj: Any) -> list[Any]:
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
     return out
+
+
+def all_reduce_sparse_grads_(params: list[nn.Parameter]) -> None:
+    """Average row-sparse gradients over ranks, in place, on any backend.
+
+    NCCL has no sparse all-reduce, so DDP cannot sync these gradients there; this gathers each
+    rank's (row indices, row values), padded to the longest, and sums them: communication
+    scales with the rows touched, not with the table.
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is None:
+            raise RuntimeError("a sparse-gradient parameter got no gradient this step")
+        g = p.grad.coalesce()
+        rows, values = g.indices()[0], g.values()
+        counts = torch.zeros(world, dtype=torch.long, device=values.device)
+        counts[dist.get_rank()] = rows.numel()
+        dist.all_reduce(counts)
+        longest = int(counts.max())
+        pad = longest - rows.numel()
+        rows = F.pad(rows, (0, pad))
+        values = F.pad(values, (0, 0, 0, pad))
+        all_rows = [torch.empty_like(rows) for _ in range(world)]
+        all_values = [torch.empty_like(values) for _ in range(world)]
+        dist.all_gather(all_rows, rows)
+        dist.all_gather(all_values, values)
+        keep = [slice(0, int(n)) for n in counts]
+        rows = torch.cat([r[k] for r, k in zip(all_rows, keep, strict=True)])
+        values = torch.cat([v[k] for v, k in zip(all_values, keep, strict=True)])
+        summed = torch.sparse_coo_tensor(rows[None], values, p.shape).coalesce()
+        p.grad = summed / world
 
 
 class _AllReduceSum(torch.autograd.Function):

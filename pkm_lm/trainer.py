@@ -19,7 +19,13 @@ from tqdm import tqdm
 from pkm_lm.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 from pkm_lm.config import TrainConfig
 from pkm_lm.data import TokenStream, load_manifest, open_split
-from pkm_lm.distributed import DistEnv, all_gather_objects, all_reduce_sum, sync_query_batchnorms
+from pkm_lm.distributed import (
+    DistEnv,
+    all_gather_objects,
+    all_reduce_sparse_grads_,
+    all_reduce_sum,
+    sync_query_batchnorms,
+)
 from pkm_lm.evaluate import attach_memory_stats, autocast, detach_memory_stats, evaluate_split
 from pkm_lm.metrics import (
     MetricLogger,
@@ -61,15 +67,6 @@ class Trainer:
                 f"model.vocab_size={cfg.model.vocab_size} but data.dir={cfg.data.dir} has a "
                 f"vocabulary of {manifest['vocab_size']}: unset model.vocab_size"
             )
-        if env.distributed and cfg.model.memory_layers and cfg.model.memory.sparse_grad:
-            backend = torch.distributed.get_backend()
-            if backend != "gloo":
-                raise ValueError(
-                    f"model.memory.sparse_grad=true needs the gloo backend to all-reduce sparse "
-                    f"value gradients, not {backend}: set model.memory.sparse_grad=false "
-                    "optim.value_optimizer=adam (dense, as XLM) or distributed.backend=gloo"
-                )
-
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model, env.device)
         if env.distributed and cfg.distributed.sync_bn:
@@ -91,14 +88,26 @@ class Trainer:
         self.elapsed_s = 0.0
         torch.manual_seed(t.seed + env.rank)  # dropout masks differ across ranks
         self._resume()
+        self.sparse_params: list[torch.nn.Parameter] = []
         self.ddp = self._wrap_ddp() if env.distributed else self.model
         self.logger = None
 
     def _wrap_ddp(self) -> DDP:
-        # The memory's value table declares nn.Embedding(sparse=sparse_grad), which is how DDP
-        # knows to put its sparse gradient in a bucket of its own.
+        """DDP for the dense parameters. Sparse value gradients are left out of it and averaged
+        by ``all_reduce_sparse_grads_`` after the last micro-step: NCCL cannot all-reduce
+        sparse tensors, and one path for every backend is one path tested."""
+        self.sparse_params = [p for p in self.model.value_parameters() if self._sparse(p)]
+        sparse_ids = {id(p) for p in self.sparse_params}
+        ignored = [n for n, p in self.model.named_parameters() if id(p) in sparse_ids]
+        DDP._set_params_and_buffers_to_ignore_for_model(self.model, ignored)
         device_ids = [self.env.device.index] if self.env.device.type == "cuda" else None
         return DDP(self.model, device_ids=device_ids)
+
+    def _sparse(self, param: torch.nn.Parameter) -> bool:
+        return any(
+            mem.values.weight is param and mem.config.sparse_grad
+            for mem in self.model.memories.values()
+        )
 
     # -- state ------------------------------------------------------------------------------
     def _resume(self) -> None:
@@ -245,6 +254,7 @@ class Trainer:
                 loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
                 self.scaler.scale(loss / self.accum_steps).backward()
             loss_sum += loss.detach()
+        all_reduce_sparse_grads_(self.sparse_params)
         for opt in self.optim.all:
             self.scaler.unscale_(opt)
         # Gradients are identical on all ranks after the all-reduce, so every rank takes the
