@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pkm_lm.config import ModelConfig
-from pkm_lm.distributed import SyncedBatchNorm1d
+from pkm_lm.distributed import SyncedBatchNorm1d, all_reduce_sparse_grads_
 from pkm_lm.memory import ProductKeyMemory
 from pkm_lm.model import FeedForward, build_model
 
@@ -159,3 +159,31 @@ def test_synced_batchnorm_is_plain_batchnorm_in_one_process():
     x = torch.randn(8, 4)
     assert torch.allclose(bn(x), synced(x))
     assert synced.state_dict().keys() == bn.state_dict().keys()
+
+
+def _sparse_grads_worker(rank: int, port: int, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    p = torch.nn.Parameter(torch.zeros(8, 3))
+    rows = [[1, 3], [3, 5, 7, 7]][rank]  # uneven and uncoalesced on rank 1
+    p.grad = torch.sparse_coo_tensor([rows], torch.ones(len(rows), 3) * (rank + 1), (8, 3))
+    all_reduce_sparse_grads_([p])
+    out.put((rank, p.grad.is_sparse, p.grad.to_dense().numpy()))
+    dist.destroy_process_group()
+
+
+def test_sparse_gradients_are_averaged_over_ranks_with_uneven_rows():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(_sparse_grads_worker, args=(port, out), nprocs=2, start_method="spawn")
+    expected = torch.zeros(8, 3)
+    expected[[1, 3]] += 1.0
+    expected[3] += 2.0
+    expected[5] += 2.0
+    expected[7] += 4.0
+    for _ in range(2):
+        _, is_sparse, grad = out.get()
+        assert is_sparse
+        assert torch.allclose(torch.from_numpy(grad), expected / 2)
