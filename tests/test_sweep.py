@@ -233,3 +233,20 @@ def test_tiny_group_end_to_end(tmp_path):
     assert (tmp_path / "out" / "memsize_size.png").exists()
     again = sweep(*args)
     assert "pkm_lm.evaluate" not in again.stdout
+
+
+def test_bench_speed_variants_and_one_measurement():
+    """The speed study times the shapes it claims (Table 1 placement, memory sizes) and runs."""
+    import bench_speed
+
+    table1 = {v.name: v for v in bench_speed.table1_variants()}
+    assert sorted(table1) == sorted(TABLE1)
+    assert table1["16L_2mem"].config().memory_layers == [6, 12]
+    assert table1["12L_1mem_1600d"].dim == bench_speed.WIDE_DIM
+    sizes = {(v.keys, v.n_keys**2) for v in bench_speed.memsize_variants()}
+    assert ("product", 2**20) in sizes and ("flat", 2**16) in sizes
+    assert all(v.config().memory_layers == [5] for v in bench_speed.memsize_variants())
+    torch.set_num_threads(1)
+    small = bench_speed.Variant("probe", n_layers=1, dim=16, memory_layers=(1,), n_keys=32)
+    rates = bench_speed.measure_once(small, min_seconds=0.0)
+    assert rates["infer"] > 0 and rates["train"] > 0
