@@ -1,6 +1,6 @@
 """Training and inference speed of L layers, L layers + 1 memory, and 2L layers on this machine.
 
-    python scripts/bench_train.py [--dim 512 --heads 8 --layers 4 --seq-len 128 --batch 8]
+    python scripts/bench_train.py [--dim 512 --heads 8 --layers 6 --seq-len 128 --batch 8]
                                   [--n-keys 512] [--steps 6] [--threads 2] [--nproc 1 2]
 
 Random tokens (speed does not depend on the text), fp32, the trainer's own model, optimisers,
@@ -134,7 +134,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dim", type=int, default=512)
     p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--layers", type=int, default=4, help="L (the deep model has 2L)")
+    p.add_argument("--layers", type=int, default=6, help="L (the deep model has 2L)")
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--vocab", type=int, default=8000)
