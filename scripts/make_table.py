@@ -431,7 +431,7 @@ def param_table(rows: list[tuple[str, dict[str, tuple[int, int]]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -440,7 +440,12 @@ def main() -> None:
     )
     parser.add_argument("--runs", type=Path, help="directory holding one folder per run")
     parser.add_argument("--out", type=Path, required=True, help="where <group>.md and the plots go")
-    parser.add_argument("--scale", default="tiny", choices=("paper", "small", "tiny"))
+    parser.add_argument("--scale", default="tiny", choices=("paper", "small", "tiny", "cpu"))
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     if args.group == "params":
         args.out.mkdir(parents=True, exist_ok=True)

@@ -78,6 +78,7 @@ def test_dry_run_lists_every_experiment(group, scale):
     assert sorted(c[-2:] for c in evals) == sorted([f"run_dir=R/{n}", "split=test"] for n in names)
     assert cmds[-1] == [sys.executable, "scripts/make_table.py", group, "--scale", scale,
                         "--runs", "R", "--out", "O"]  # fmt: skip
+    make_table.build_parser().parse_args(cmds[-1][2:])  # exits (fails the test) if it rejects them
 
 
 def test_single_process_command_and_bad_arguments():
