@@ -236,6 +236,10 @@ class Trainer:
             self.logger.close()
             plot = plot_loss(self.run_dir)
             print(f"done: {self.run_dir} (loss plot: {plot})", flush=True)
+        if env.distributed:
+            # Ranks leave together: a rank tearing down gloo while rank 0 still writes its plot
+            # can abort the process ("terminate called without an active exception").
+            torch.distributed.barrier()
 
     def _train_step(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
         """One optimizer step on the next global batch; returns this rank's mean loss."""
