@@ -147,6 +147,8 @@ def main(dcfg: DictConfig) -> None:
                 **result,
             }
             MetricLogger(ecfg.run_dir).log(record, format_eval_line(record))
+        if env.distributed:
+            torch.distributed.barrier()  # leave together (see Trainer.fit)
     finally:
         cleanup_distributed()
 
