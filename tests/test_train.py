@@ -178,6 +178,14 @@ def test_two_processes_equal_one_on_the_same_global_batch(data_dir, tmp_path, ex
     a, b = final_state(one)["model"], final_state(two)["model"]
     for name in a:
         assert torch.allclose(a[name].float(), b[name].float(), atol=1e-5), name
+    if "train.micro_batch_size=null" in extra:  # evaluation split over 2 ranks, merged
+        evaluate = ["-m", "pkm_lm.evaluate", f"run_dir={two}", "split=test"]
+        run(evaluate, launcher=torchrun)
+        run(evaluate)
+        split, whole = read_metrics(two)[-2:]
+        assert split["n_tokens"] == whole["n_tokens"]
+        assert split["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+        assert split["memory"]["2"]["kl_counts"] == pytest.approx(whole["memory"]["2"]["kl_counts"])
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
