@@ -42,6 +42,11 @@ class LazyAdam(torch.optim.Optimizer):
             )
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, row_wise=row_wise))
 
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:  # state saved before the option existed
+            group.setdefault("row_wise", False)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
