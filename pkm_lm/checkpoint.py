@@ -7,12 +7,13 @@ complete once its JSON exists, so a run killed mid-write resumes from the previo
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from pkm_lm.atomic import atomic_write, atomic_write_text
 
 _NAME = re.compile(r"^step_(\d+)\.json$")
 
@@ -21,26 +22,12 @@ def checkpoint_dir(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(file)`` on a temporary file next to ``path``, then rename it into place."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, lambda f: f.write(text.encode()))
-
-
 def save_checkpoint(run_dir: str | Path, step: int, state: dict[str, Any], meta: dict, keep: int):
     """Write ``state`` as the checkpoint of ``step`` and delete all but the newest ``keep``."""
     ckpt_dir = checkpoint_dir(run_dir)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"step_{step:07d}.pt"
-    atomic_write_bytes(path, lambda f: torch.save(state, f))
+    atomic_write(path, lambda f: torch.save(state, f))
     atomic_write_text(path.with_suffix(".json"), json.dumps({"step": step, **meta}, indent=2))
     for old in list_checkpoints(run_dir)[:-keep]:
         old.with_suffix(".json").unlink()

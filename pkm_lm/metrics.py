@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pkm_lm.checkpoint import atomic_write_bytes, atomic_write_text
+from pkm_lm.atomic import atomic_write_text, save_figure
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -133,8 +133,6 @@ def plot_loss(run_dir: str | Path) -> Path | None:
     ax.set_title(Path(run_dir).name)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
     path = Path(run_dir) / "loss.png"
-    atomic_write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
     return path

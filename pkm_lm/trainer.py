@@ -16,7 +16,8 @@ from omegaconf import OmegaConf
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from pkm_lm.checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from pkm_lm.atomic import atomic_write_text
+from pkm_lm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pkm_lm.config import TrainConfig
 from pkm_lm.data import TokenStream, load_manifest, open_split
 from pkm_lm.distributed import (

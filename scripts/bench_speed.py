@@ -21,11 +21,9 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import random
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +35,7 @@ import torch.nn.functional as F
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
+from pkm_lm.atomic import atomic_write_text, save_figure  # noqa: E402
 from pkm_lm.config import MemoryPlacementConfig, ModelConfig, OptimConfig  # noqa: E402
 from pkm_lm.model import build_model  # noqa: E402
 from pkm_lm.optim import build_optimizers, clip_gradients  # noqa: E402
@@ -190,7 +189,7 @@ def memsize_report(res: dict, out: Path) -> list[str]:
         ax.set_xlabel("memory size |K| (slots)")
         ax.set_ylabel(f"{'inference' if mode == 'infer' else 'training'} tokens/s")
         ax.legend()
-    save(fig, out / "memsize_speed.png")
+    save_figure(fig, out / "memsize_speed.png")
     lines = [
         "## Memory size vs speed, product vs flat keys (the paper's Figure 7)",
         "",
@@ -230,7 +229,7 @@ def table1_report(res: dict, out: Path) -> list[str]:
     ax.set_xticks(list(xs), names, rotation=60, fontsize=8)
     ax.set_ylabel("thousand tokens/s")
     ax.legend()
-    save(fig, out / "table1_speed.png")
+    save_figure(fig, out / "table1_speed.png")
     lines = [
         "## Speed of the Table 1 shapes (the speed axis of the paper's Figure 4)",
         "",
@@ -261,15 +260,6 @@ def table1_report(res: dict, out: Path) -> list[str]:
     return lines
 
 
-def save(fig, path: Path) -> None:
-    fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -298,10 +288,7 @@ def main() -> None:
             "seconds": round(time.time() - started),
         }
     text = json.dumps(results, indent=1) + "\n"
-    fd, tmp = tempfile.mkstemp(dir=args.out, suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, results_path)
+    atomic_write_text(results_path, text)
     lines = [
         "# CPU speed study",
         "",
@@ -315,10 +302,7 @@ def main() -> None:
         lines += memsize_report(results["memsize"], args.out)
     if "table1" in results:
         lines += table1_report(results["table1"], args.out)
-    fd, tmp = tempfile.mkstemp(dir=args.out, suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write("\n".join(lines))
-    os.replace(tmp, args.out / "speed.md")
+    atomic_write_text(args.out / "speed.md", "\n".join(lines))
     print(f"wrote {args.out / 'speed.md'}")
 
 

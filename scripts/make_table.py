@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
 import yaml
 
+from pkm_lm.atomic import atomic_write_text, save_figure
 from pkm_lm.config import spread_evenly
 
 matplotlib.use("Agg")
@@ -251,7 +250,7 @@ def plot_speed_vs_ppl(runs: list[Run], path: Path) -> None:
     ax.set_xlabel("inference speed (tokens/s)")
     ax.set_ylabel("test perplexity")
     ax.set_title("perplexity vs inference speed (squares: no memory)")
-    save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_size_curves(runs: list[Run], path: Path) -> None:
@@ -273,7 +272,7 @@ def plot_size_curves(runs: list[Run], path: Path) -> None:
         ax.set_xlabel("memory size |K| (slots)")
         ax.set_ylabel(label)
         ax.legend()
-    save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_curves(runs: list[Run], path: Path) -> None:
@@ -287,7 +286,7 @@ def plot_curves(runs: list[Run], path: Path) -> None:
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
-    save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_usage(runs: list[Run], path: Path) -> None:
@@ -301,24 +300,7 @@ def plot_usage(runs: list[Run], path: Path) -> None:
     ax_kl.set_ylabel("KL from uniform (weights)")
     for ax in (ax_u, ax_kl):
         ax.tick_params(axis="x", rotation=60, labelsize=7)
-    save(fig, path)
-
-
-def save(fig: plt.Figure, path: Path) -> None:
-    """Write the figure atomically (temp file + rename) and close it."""
-    fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-
-
-def write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".md")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    save_figure(fig, path)
 
 
 def make_report(group: str, runs: list[Run], out: Path, scale: str) -> Path:
@@ -372,7 +354,7 @@ def make_report(group: str, runs: list[Run], out: Path, scale: str) -> Path:
             plot(done, out / filename)
             lines += [f"## {title}", "", f"![{title}]({filename})", ""]
     path = out / f"{group}.md"
-    write_text(path, "\n".join(lines))
+    atomic_write_text(path, "\n".join(lines))
     return path
 
 
@@ -449,7 +431,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.group == "params":
         args.out.mkdir(parents=True, exist_ok=True)
-        write_text(args.out / "params.md", param_table(param_counts()))
+        atomic_write_text(args.out / "params.md", param_table(param_counts()))
         print(f"wrote {args.out / 'params.md'}")
         return
     if args.runs is None:

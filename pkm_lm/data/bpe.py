@@ -16,7 +16,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
-from .shards import atomic_write_bytes
+from pkm_lm.atomic import atomic_write_bytes
 
 BPE_SUFFIX = "@@"
 

@@ -27,8 +27,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pkm_lm.atomic import atomic_write_bytes
+
 from .manifest import SPLITS
-from .shards import atomic_write_bytes
 
 
 @dataclass

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from .shards import atomic_write_bytes
+from pkm_lm.atomic import atomic_write_bytes
 
 MANIFEST_NAME = "dataset.json"
 SPLITS = ("train", "valid", "test")

@@ -50,17 +50,6 @@ def dtype_for_vocab(vocab_size: int, dtype: str = "auto") -> str:
     return dtype
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class ShardWriter:
     """Streams token-id arrays into one shard; `close()` seals it under its final name."""
 
