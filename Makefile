@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 FASTBPE_VERSION := 0.1.0
 
-.PHONY: setup test test-all lint data demo bench-memory bench-data bench-train clean
+.PHONY: setup test lint data demo bench-memory bench-data bench-train bench-speed clean
 
 setup: $(STAMP)
 
@@ -50,6 +50,9 @@ bench-data: data
 
 bench-train: setup
 	$(BIN)/python scripts/bench_train.py
+
+bench-speed: setup
+	$(BIN)/python scripts/bench_speed.py
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache
