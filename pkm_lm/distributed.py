@@ -17,6 +17,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from pkm_lm.memory import sparse_rows
+
 
 @dataclass(frozen=True)
 class DistEnv:
@@ -86,8 +88,7 @@ def all_reduce_sparse_grads_(params: list[nn.Parameter]) -> None:
     for p in params:
         if p.grad is None:
             raise RuntimeError("a sparse-gradient parameter got no gradient this step")
-        g = p.grad.coalesce()
-        rows, values = g.indices()[0], g.values()
+        rows, values = sparse_rows(p.grad)  # the layer's rows are unique: no coalesce()
         counts = torch.zeros(world, dtype=torch.long, device=values.device)
         counts[dist.get_rank()] = rows.numel()
         dist.all_reduce(counts)

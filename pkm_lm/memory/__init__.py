@@ -8,7 +8,14 @@ This package imports nothing from the trainer or Hydra.
 
 from .config import MemoryConfig
 from .layer import ProductKeyMemory
-from .optim import LazyAdam, clip_grad_norm_
+from .optim import LazyAdam, clip_grad_norm_, sparse_rows
 from .stats import MemoryStats
 
-__all__ = ["MemoryConfig", "ProductKeyMemory", "MemoryStats", "LazyAdam", "clip_grad_norm_"]
+__all__ = [
+    "MemoryConfig",
+    "ProductKeyMemory",
+    "MemoryStats",
+    "LazyAdam",
+    "clip_grad_norm_",
+    "sparse_rows",
+]
