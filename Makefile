@@ -15,7 +15,7 @@ setup: $(STAMP)
 # tool (learnbpe/getvocab; the Python API only applies codes), then the project itself.
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet "$(TORCH)"
+	$(BIN)/pip install --quiet $(TORCH)
 	$(BIN)/pip install --quiet cython wheel
 	$(BIN)/pip install --quiet --no-build-isolation fastBPE==$(FASTBPE_VERSION)
 	test -x $(BIN)/fast || ( rm -rf build/fastbpe && mkdir -p build/fastbpe && \
