@@ -141,5 +141,6 @@ def test_scratch_buffers_grow_with_the_number_of_touched_rows():
     for rows in ([1, 2], list(range(40)), [3]):
         param.grad = sparse_grad(rows, torch.ones(len(rows), 2), param.shape)
         opt.step()
-        assert opt.state[param]["m_rows"].shape[0] >= len(rows)
+        assert opt._scratch[param]["m"].shape[0] >= len(rows)
     assert (param.detach()[:40] < 0).all() and (param.detach()[40:] == 0).all()
+    assert set(opt.state_dict()["state"][0]) == {"step", "exp_avg", "exp_avg_sq"}, "no scratch"

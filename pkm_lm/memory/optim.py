@@ -41,6 +41,8 @@ class LazyAdam(torch.optim.Optimizer):
                 "lr >= 0, eps >= 0 and each beta in [0, 1)"
             )
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, row_wise=row_wise))
+        # Scratch rows per parameter: kept out of ``state`` so checkpoints do not carry them.
+        self._scratch: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
@@ -75,8 +77,9 @@ class LazyAdam(torch.optim.Optimizer):
         grad, sparse = p.grad, p.grad.is_sparse
         if sparse:
             rows, grad = sparse_rows(grad)
-            m = _scratch(state, "m_rows", exp_avg, rows)
-            v = _scratch(state, "v_rows", exp_avg_sq, rows)
+            buffers = self._scratch.setdefault(p, {})
+            m = _gather_rows(buffers, "m", exp_avg, rows)
+            v = _gather_rows(buffers, "v", exp_avg_sq, rows)
         else:
             m, v = exp_avg, exp_avg_sq
         m.lerp_(grad, 1 - beta1)
@@ -99,11 +102,11 @@ class LazyAdam(torch.optim.Optimizer):
             p.addcdiv_(m, denom, value=-step_size)
 
 
-def _scratch(state: dict, name: str, source: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def _gather_rows(buffers: dict, name: str, source: torch.Tensor, rows: torch.Tensor):
     """source[rows], gathered into a buffer that persists (and only grows) across steps."""
-    buf = state.get(name)
+    buf = buffers.get(name)
     if buf is None or buf.shape[0] < rows.numel():
-        buf = state[name] = source.new_empty((int(rows.numel() * 1.25) + 1, *source.shape[1:]))
+        buf = buffers[name] = source.new_empty((int(rows.numel() * 1.25) + 1, *source.shape[1:]))
     out = buf[: rows.numel()]
     torch.index_select(source, 0, rows, out=out)
     return out
