@@ -16,7 +16,6 @@ Runs that have not finished (no test evaluation) are listed as missing, never si
 from __future__ import annotations
 
 import argparse
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ import yaml
 
 from pkm_lm.atomic import atomic_write_text, save_figure
 from pkm_lm.config import spread_evenly
+from pkm_lm.metrics import read_metrics
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -95,16 +95,14 @@ def read_run(run_dir: Path) -> Run:
     test = train = None
     valid_ppl = None
     curve = []
-    with open(run_dir / "metrics.jsonl") as f:
-        for line in f:
-            rec = json.loads(line)
-            if rec["kind"] == "train":
-                train = rec
-            elif rec["kind"] == "eval" and rec["split"] == "test":
-                test = rec
-            elif rec["kind"] == "eval" and rec["split"] == "valid":
-                valid_ppl = rec["ppl"]
-                curve.append((rec["tokens"], rec["ppl"]))
+    for rec in read_metrics(run_dir):
+        if rec["kind"] == "train":
+            train = rec
+        elif rec["kind"] == "eval" and rec["split"] == "test":
+            test = rec
+        elif rec["kind"] == "eval" and rec["split"] == "valid":
+            valid_ppl = rec["ppl"]
+            curve.append((rec["tokens"], rec["ppl"]))
     mem = model["memory"]
     layers = sorted(mem["layers"]) or spread_evenly(model["n_layers"], mem["count"])
     return Run(run_dir.name, model, test, valid_ppl, train, layers, curve)

@@ -98,9 +98,10 @@ run() {
 # True when the run's metrics.jsonl has a test evaluation at its last training step.
 has_test_eval() {
   [[ -f $1/metrics.jsonl ]] || return 1
-  "$PY" - "$1/metrics.jsonl" <<'EOF'
-import json, sys
-records = [json.loads(line) for line in open(sys.argv[1])]
+  "$PY" - "$1" <<'EOF'
+import sys
+from pkm_lm.metrics import read_metrics
+records = read_metrics(sys.argv[1])
 last_step = max((r["step"] for r in records if r["kind"] == "train"), default=None)
 tested = {r["step"] for r in records if r["kind"] == "eval" and r["split"] == "test"}
 sys.exit(0 if last_step is not None and last_step in tested else 1)
