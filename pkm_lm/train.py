@@ -1,7 +1,7 @@
 """Train a (memory-augmented) Transformer LM.
 
-    python -m pkm_lm.train +experiment=tiny_1mem [run_dir=DIR] [train.max_steps=N] ...
-    torchrun --nproc_per_node 2 -m pkm_lm.train +experiment=tiny_1mem
+    python -m pkm_lm.train +experiment=demo_1mem [run_dir=DIR] [train.max_steps=N] ...
+    torchrun --nproc_per_node 2 -m pkm_lm.train +experiment=demo_1mem
 
 Rerunning the same command with the same run_dir resumes (or does nothing if it finished).
 """

@@ -140,7 +140,7 @@ fi
 if [[ $DRY_RUN == 0 && ! -f $DATA/dataset.json ]]; then
   echo "sweep.sh: no dataset at $DATA (no dataset.json). Prepare one with" >&2
   echo "  python -m pkm_lm.preprocess raw_dir=RAW_DIR out_dir=$DATA bpe.n_codes=60000" >&2
-  echo "(RAW_DIR holding train.txt, valid.txt, test.txt; see the README), or pass --data DIR." >&2
+  echo "(RAW_DIR holding train.txt, valid.txt, test.txt; see docs/data.md), or pass --data DIR." >&2
   exit 1
 fi
 

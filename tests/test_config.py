@@ -54,7 +54,7 @@ def expected_params(cfg: TrainConfig) -> int:
 
 
 def test_experiments_are_found():
-    assert {"tiny_0mem", "tiny_1mem", "12L_1mem"} <= set(EXPERIMENTS)
+    assert {"demo_0mem", "demo_1mem", "12L_1mem"} <= set(EXPERIMENTS)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
@@ -72,7 +72,7 @@ def test_experiment_composes_and_builds_on_meta(name):
         )
 
 
-@pytest.mark.parametrize("name", ["tiny_0mem", "tiny_1mem", "12L_1mem"])
+@pytest.mark.parametrize("name", ["demo_0mem", "demo_1mem", "12L_1mem"])
 def test_trainer_experiments_state_their_parameter_count(name):
     assert CLAIM.search((CONFIGS / "experiment" / f"{name}.yaml").read_text())
 
@@ -162,7 +162,7 @@ def test_typo_in_override_fails():
 
 
 def test_resolved_config_round_trips_through_yaml(tmp_path):
-    cfg = compose_train(["+experiment=tiny_1mem"])
+    cfg = compose_train(["+experiment=demo_1mem"])
     path = tmp_path / "config.yaml"
     path.write_text(OmegaConf.to_yaml(cfg))
     again = OmegaConf.to_object(
