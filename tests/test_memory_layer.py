@@ -187,6 +187,31 @@ def test_autocast_runs_and_matches_fp32(dtype, tol, min_agree):
     assert all(torch.isfinite(p.grad).all() for p in mem.parameters() if p.grad is not None)
 
 
+@pytest.mark.parametrize("keys", ["product", "flat"])
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_autocast_selects_exactly_the_fp32_slots(keys, batchnorm):
+    """Under bf16 autocast the layer's selection equals the fp32 selection on its own queries."""
+    mem = make(n_keys=32, heads=4, knn=16, k_dim=32, dim=64, dtype=torch.float32, keys=keys)
+    if not batchnorm:
+        mem.query_bn = None  # queries then leave the query network in bf16
+    mem.eval()
+    x = torch.randn(256, 64)
+    seen, select = [], mem.select
+
+    def recording_select(q):
+        seen.append((q, *select(q)))
+        return seen[-1][1:]
+
+    mem.select = recording_select
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mem(x)
+    (query, scores, idx), (ref_scores, ref_idx) = seen[0], select(seen[0][0].float())
+    assert query.dtype == (torch.float32 if batchnorm else torch.bfloat16)
+    assert scores.dtype == torch.float32 and out.dtype == torch.float32
+    assert torch.equal(idx, ref_idx)
+    assert torch.equal(scores, ref_scores)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

@@ -65,10 +65,19 @@ class ProductKeyMemory(nn.Module):
         return q.view(x.shape[0], cfg.heads, cfg.k_dim)
 
     def select(self, query: torch.Tensor):
-        """(N, heads, k_dim) -> (scores, indices), both (N, heads, knn), best first."""
-        if self.config.keys == "product":
-            return product_topk(query, self.sub_keys.to(query.dtype), self.config.knn)
-        return flat_topk(query, self.keys.to(query.dtype), self.config.knn)
+        """(N, heads, k_dim) -> (scores, indices), both (N, heads, knn), best first.
+
+        Scores are computed in fp32 (or the parameters' wider dtype) whatever the autocast
+        dtype: bf16 keeps 8 mantissa bits, enough to swap near-tied slots at the top-k
+        boundary and to round the softmax inputs. TF32 matmuls stay allowed on GPUs.
+        """
+        keys = self.sub_keys if self.config.keys == "product" else self.keys
+        dtype = torch.promote_types(keys.dtype, torch.float32)
+        with torch.autocast(query.device.type, enabled=False):
+            query, keys = query.to(dtype), keys.to(dtype)
+            if self.config.keys == "product":
+                return product_topk(query, keys, self.config.knn)
+            return flat_topk(query, keys, self.config.knn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cfg = self.config
