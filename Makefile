@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV   ?= .venv
 TORCH  ?= torch==2.13.0
+TRITON ?= triton>=3.6,<3.8
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 FASTBPE_VERSION := 0.1.0
@@ -16,6 +17,10 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
+	# Triton (memory.kernel=triton): CUDA builds of torch bring their matching version; CPU builds
+	# do not, and the tests run the kernels in Triton's interpreter. Wheels exist for Linux only.
+	test "$$(uname -s)" != Linux || $(BIN)/python -c "import triton" 2>/dev/null || \
+	  $(BIN)/pip install --quiet "$(TRITON)"
 	$(BIN)/pip install --quiet cython wheel
 	$(BIN)/pip install --quiet --no-build-isolation fastBPE==$(FASTBPE_VERSION)
 	test -x $(BIN)/fast || ( rm -rf build/fastbpe && mkdir -p build/fastbpe && \

@@ -1,5 +1,7 @@
 """MemoryConfig rejects bad values with an error that names the field and what is allowed."""
 
+import importlib.util
+
 import pytest
 
 from pkm_lm.memory import MemoryConfig
@@ -19,6 +21,7 @@ from pkm_lm.memory import MemoryConfig
         (dict(input_dropout=1.0), "input_dropout", "[0, 1)"),
         (dict(query_dropout=-0.1), "query_dropout", "[0, 1)"),
         (dict(value_dropout=2), "value_dropout", "[0, 1)"),
+        (dict(kernel="cuda"), "kernel", "'torch', 'triton'"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field, allowed):
@@ -32,3 +35,12 @@ def test_defaults_are_the_papers():
     cfg = MemoryConfig()
     assert (cfg.heads, cfg.knn, cfg.k_dim, cfg.n_slots) == (4, 32, 512, 512**2)
     assert cfg.query_batchnorm and cfg.keys == "product"
+
+
+def test_triton_kernel_without_triton_says_how_to_install(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: None if name == "triton" else real_find_spec(name)
+    )
+    with pytest.raises(ValueError, match=r"memory.kernel='triton' needs .*pip install triton"):
+        MemoryConfig(kernel="triton")

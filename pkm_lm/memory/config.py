@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 KEY_TYPES = ("product", "flat")
 QUERY_NETS = ("linear", "mlp")
+KERNELS = ("torch", "triton")
 
 
 def _require(ok: bool, field: str, value, allowed: str) -> None:
@@ -30,6 +32,7 @@ class MemoryConfig:
     value_dropout: float = 0.0  # dropout on the softmax weights of the selected slots
     gated: bool = False  # multiply the output by SiLU(W x), as in "Memory Layers at Scale" (2024)
     sparse_grad: bool = False  # value table gets a row-sparse gradient: use LazyAdam / SparseAdam
+    kernel: str = "torch"  # value read: "torch" (any device) | "triton" (fused kernels, CUDA)
 
     def __post_init__(self) -> None:
         _require(
@@ -61,6 +64,13 @@ class MemoryConfig:
         )
         _require(self.keys in KEY_TYPES, "keys", self.keys, f"one of {KEY_TYPES}")
         _require(self.query_net in QUERY_NETS, "query_net", self.query_net, f"one of {QUERY_NETS}")
+        _require(self.kernel in KERNELS, "kernel", self.kernel, f"one of {KERNELS}")
+        if self.kernel == "triton" and importlib.util.find_spec("triton") is None:
+            raise ValueError(
+                "memory.kernel='triton' needs the triton package, which is not installed: "
+                "`pip install triton` (Linux; CUDA builds of torch bring it), or use "
+                "memory.kernel='torch'"
+            )
         for name in ("input_dropout", "query_dropout", "value_dropout"):
             p = getattr(self, name)
             _require(

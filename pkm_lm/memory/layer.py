@@ -92,7 +92,11 @@ class ProductKeyMemory(nn.Module):
             self.stats.update(indices.detach(), weights.detach())
         n = x.shape[0]
         out = value_bag(
-            indices.reshape(n, -1), weights.reshape(n, -1), self.values.weight, cfg.sparse_grad
+            indices.reshape(n, -1),
+            weights.reshape(n, -1),
+            self.values.weight,
+            cfg.sparse_grad,
+            cfg.kernel,
         )  # (N, v_dim), summed over heads and knn
         if self.value_proj is not None:
             out = self.value_proj(out)

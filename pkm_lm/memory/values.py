@@ -63,10 +63,19 @@ class _ValueBag(torch.autograd.Function):
 
 
 def value_bag(
-    indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor, sparse: bool = False
+    indices: torch.Tensor,
+    weights: torch.Tensor,
+    table: torch.Tensor,
+    sparse: bool = False,
+    kernel: str = "torch",
 ) -> torch.Tensor:
     """sum_j weights[n, j] * table[indices[n, j]] for each row n: (N, R) x (|K|, v) -> (N, v).
 
-    Runs in the table's dtype (fp32 master weights under autocast); weights are cast to it.
+    Output in the table's dtype (fp32 master weights under autocast). ``kernel="torch"`` casts
+    the weights to it; ``kernel="triton"`` (CUDA) accumulates in fp32 in fused kernels.
     """
+    if kernel == "triton":
+        from .triton_bag import TritonValueBag  # imported lazily: triton is optional
+
+        return TritonValueBag.apply(indices, weights, table, sparse)
     return _ValueBag.apply(indices, weights.to(table.dtype), table, sparse)

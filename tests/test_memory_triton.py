@@ -1,0 +1,132 @@
+"""Triton value-bag kernels against the torch path: forward, weight and table gradients.
+
+Without CUDA the kernels run on CPU tensors in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before triton is imported); with CUDA the same cases run compiled on the GPU
+(marked ``gpu``) and the interpreter stays off.
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (`pip install triton`, Linux only)")
+
+from pkm_lm.memory import (  # noqa: E402
+    MemoryConfig,
+    ProductKeyMemory,
+    triton_bag,  # noqa: E402
+)
+from pkm_lm.memory.values import value_bag  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+assert HAS_CUDA or triton_bag.INTERPRETED, "tests/conftest.py sets TRITON_INTERPRET=1 without CUDA"
+
+DEVICES = [
+    pytest.param(
+        "cpu", marks=pytest.mark.skipif(HAS_CUDA, reason="CUDA present: kernels run compiled there")
+    ),
+    pytest.param(
+        "cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")],
+    ),
+]
+DTYPES = [torch.float32, torch.bfloat16]
+TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+
+CASES = {  # tokens, heads, knn, slots, v_dim
+    "basic": (6, 2, 4, 16, 8),
+    "knn1": (5, 3, 1, 16, 8),
+    "heads1": (4, 1, 5, 16, 8),
+    "v_not_pow2": (5, 2, 3, 16, 13),
+    "v_split_blocks": (3, 2, 2, 8, 1030),  # > 1024 columns: weight gradient accumulated atomically
+    "hot_slots": (6, 2, 4, 3, 8),  # 3 slots for 8 reads per token: duplicates everywhere
+    "empty_batch": (0, 2, 4, 16, 8),
+}
+
+
+def make_inputs(case, dtype, device, seed=0):
+    n, heads, knn, slots, v = CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, slots, (n, heads * knn), generator=g)
+    if n and heads * knn > 1:
+        indices[0, 1] = indices[0, 0]  # a slot read twice by one token
+    weights = torch.rand(n, heads * knn, generator=g)
+    table = torch.randn(slots, v, generator=g).to(dtype)
+    grad_out = torch.randn(n, v, generator=g).to(dtype)
+    return [t.to(device) for t in (indices, weights, table, grad_out)]
+
+
+def run_bag(kernel, indices, weights, table, grad_out, sparse, need=(True, True)):
+    w = weights.detach().requires_grad_(need[0])
+    t = table.detach().requires_grad_(need[1])
+    out = value_bag(indices, w, t, sparse, kernel)
+    inputs = [x for x, needed in zip((w, t), need, strict=True) if needed]
+    grads = torch.autograd.grad(out, inputs, grad_out)
+    return out, [gr.to_dense() if gr.is_sparse else gr for gr in grads]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(CASES))
+def test_kernels_equal_torch_path(case, dtype, sparse, device):
+    indices, weights, table, grad_out = make_inputs(case, dtype, device)
+    out, (grad_w, grad_t) = run_bag("triton", indices, weights, table, grad_out, sparse)
+    # Reference: the torch path in float64 on the same (already rounded) values.
+    ref, (ref_w, ref_t) = run_bag(
+        "torch", indices, weights.double(), table.double(), grad_out.double(), sparse
+    )
+    assert out.dtype == dtype and grad_t.dtype == dtype and grad_w.dtype == weights.dtype
+    torch.testing.assert_close(out.double(), ref, **TOL[dtype])
+    torch.testing.assert_close(grad_w.double(), ref_w, **TOL[dtype])
+    torch.testing.assert_close(grad_t.double(), ref_t, **TOL[dtype])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_sparse_gradient_holds_only_touched_rows(sparse, device):
+    indices, weights, table, grad_out = make_inputs("basic", torch.float32, device)
+    t = table.requires_grad_()
+    (grad_t,) = torch.autograd.grad(value_bag(indices, weights, t, sparse, "triton"), t, grad_out)
+    assert grad_t.is_sparse == sparse
+    if sparse:
+        assert grad_t.is_coalesced()
+        assert torch.equal(grad_t.indices()[0], indices.unique())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("need", [(True, False), (False, True)], ids=["weights", "table"])
+def test_one_gradient_only(need, device):
+    indices, weights, table, grad_out = make_inputs("hot_slots", torch.float32, device)
+    _, got = run_bag("triton", indices, weights, table, grad_out, False, need)
+    _, ref = run_bag("torch", indices, weights, table, grad_out, False, need)
+    torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sparse_grad", [False, True])
+def test_layer_with_triton_kernel_equals_torch_kernel(sparse_grad, device):
+    torch.manual_seed(0)
+    cfg = dict(n_keys=8, heads=2, knn=4, k_dim=8, v_dim=6, sparse_grad=sparse_grad)
+    layers = {}
+    for kernel in ("torch", "triton"):
+        torch.manual_seed(0)
+        layers[kernel] = ProductKeyMemory(10, 12, MemoryConfig(kernel=kernel, **cfg)).to(device)
+    x = torch.randn(9, 10, device=device)
+    outs, grads = {}, {}
+    for kernel, layer in layers.items():
+        outs[kernel] = layer(x)
+        outs[kernel].square().sum().backward()
+        grads[kernel] = {
+            name: p.grad.to_dense() for name, p in layer.named_parameters() if p.grad is not None
+        }
+    torch.testing.assert_close(outs["triton"], outs["torch"])
+    assert grads["triton"].keys() == grads["torch"].keys()
+    for name, ref in grads["torch"].items():
+        torch.testing.assert_close(grads["triton"][name], ref, msg=name)
+
+
+def test_cpu_tensors_without_interpreter_fail_clearly(monkeypatch):
+    monkeypatch.setattr(triton_bag, "INTERPRETED", False)
+    indices, weights, table, _ = make_inputs("basic", torch.float32, "cpu")
+    with pytest.raises(ValueError, match="memory.kernel='triton' needs the value table on a CUDA"):
+        value_bag(indices, weights, table, False, "triton")
