@@ -76,7 +76,7 @@ class ProductKeyMemory(nn.Module):
         with torch.autocast(query.device.type, enabled=False):
             query, keys = query.to(dtype), keys.to(dtype)
             if self.config.keys == "product":
-                return product_topk(query, keys, self.config.knn)
+                return product_topk(query, keys, self.config.knn, self.config.kernel)
             return flat_topk(query, keys, self.config.knn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

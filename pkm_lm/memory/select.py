@@ -22,10 +22,11 @@ class _HalfTopk(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, keys, knn):  # (H, N, d), (H, n, d) -> (H, N, knn) x 2
+    def forward(ctx, query, keys, knn, kernel):  # (H, N, d), (H, n, d) -> (H, N, knn) x 2
         scores, indices = torch.bmm(query, keys.transpose(1, 2)).topk(knn, dim=-1)
         ctx.save_for_backward(query, keys, indices)
         ctx.mark_non_differentiable(indices)
+        ctx.kernel = kernel
         return scores, indices
 
     @staticmethod
@@ -35,6 +36,11 @@ class _HalfTopk(torch.autograd.Function):
         # Index into all heads' keys at once: head h's key j is row h * n + j.
         rows = (indices + torch.arange(heads, device=keys.device).view(-1, 1, 1) * n).flatten(0, 1)
         weights = grad_scores.flatten(0, 1).to(keys.dtype)  # (H*N, knn)
+        if ctx.kernel == "triton":
+            from .triton_bag import sub_key_gradients  # imported lazily: triton is optional
+
+            grads = sub_key_gradients(rows, weights, query, keys, *ctx.needs_input_grad[:2])
+            return *grads, None, None
         grad_query = grad_keys = None
         if ctx.needs_input_grad[0]:
             grad_query = torch.nn.functional.embedding_bag(
@@ -43,7 +49,7 @@ class _HalfTopk(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             touched, grads = row_gradients(rows, weights, query.reshape(-1, d).to(keys.dtype))
             grad_keys = keys.new_zeros(heads * n, d).index_copy_(0, touched, grads).view(keys.shape)
-        return grad_query, grad_keys, None
+        return grad_query, grad_keys, None, None
 
 
 @functools.cache
@@ -62,17 +68,18 @@ def _candidate_pairs(knn: int) -> tuple[list[int], list[int]]:
     return a_ranks, b_ranks
 
 
-def product_topk(query: torch.Tensor, sub_keys: torch.Tensor, knn: int):
+def product_topk(query: torch.Tensor, sub_keys: torch.Tensor, knn: int, kernel: str = "torch"):
     """Top-k over the n_keys**2 product keys of each head, without scoring them all.
 
-    query: (N, heads, k_dim); sub_keys: (heads, 2, n_keys, k_dim // 2).
+    query: (N, heads, k_dim); sub_keys: (heads, 2, n_keys, k_dim // 2). ``kernel`` picks the
+    bags of the score backward: torch's embedding bag or the Triton kernels of ``value_bag``.
     """
     n, heads, k_dim = query.shape
     n_keys = sub_keys.shape[2]
     halves = query.view(n, heads, 2, k_dim // 2).permute(2, 1, 0, 3)  # (2, H, N, k_dim/2)
     # Best knn sub-keys of each half, sorted descending: (H, N, knn) each.
-    s1, i1 = _HalfTopk.apply(halves[0], sub_keys[:, 0], knn)
-    s2, i2 = _HalfTopk.apply(halves[1], sub_keys[:, 1], knn)
+    s1, i1 = _HalfTopk.apply(halves[0], sub_keys[:, 0], knn, kernel)
+    s2, i2 = _HalfTopk.apply(halves[1], sub_keys[:, 1], knn, kernel)
     a_list, b_list = _candidate_pairs(knn)
     a = torch.tensor(a_list, device=query.device)
     b = torch.tensor(b_list, device=query.device)

@@ -112,6 +112,7 @@ def _block(n: int, cap: int) -> int:
 
 def bag_forward(indices: torch.Tensor, weights: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """(N, R) slots and weights, (|K|, V) table -> (N, V) in the table's dtype."""
+    _check_device(table)
     n, r = indices.shape
     v = table.shape[1]
     out = table.new_empty(n, v)
@@ -133,6 +134,7 @@ def bag_backward(
     sparse: bool,
 ):
     """Gradients of ``bag_forward``: (grad_weights in fp32 or None, grad_table or None)."""
+    _check_device(table)
     n, r = indices.shape
     v = table.shape[1]
     flat = indices.reshape(-1)
@@ -187,7 +189,6 @@ class TritonValueBag(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, indices, weights, table, sparse):
-        _check_device(table)
         indices, weights = indices.contiguous(), weights.contiguous()
         table = table.contiguous()
         ctx.save_for_backward(indices, weights, table)
@@ -204,3 +205,22 @@ class TritonValueBag(torch.autograd.Function):
         if grad_weights is not None:
             grad_weights = grad_weights.to(weights.dtype)
         return None, grad_weights, grad_table, None
+
+
+def sub_key_gradients(rows, weights, query, keys, need_query: bool, need_keys: bool):
+    """Score backward of one query half as the same two bags: grad_query[h, n] sums
+    weights * keys[rows] (a value read), grad_keys is that read's table gradient.
+
+    rows, weights: (H*N, knn) flat key rows and score gradients; query (H, N, d); keys (H, n, d).
+    """
+    flat_keys = keys.reshape(-1, keys.shape[-1]).contiguous()
+    grad_query = grad_keys = None
+    if need_query:
+        grad_query = bag_forward(rows, weights.contiguous(), flat_keys).view(query.shape)
+    if need_keys:
+        grad_out = query.reshape(-1, keys.shape[-1]).to(keys.dtype)
+        _, grad_keys = bag_backward(
+            rows, weights.contiguous(), flat_keys, grad_out.contiguous(), True, False, False
+        )
+        grad_keys = grad_keys.view(keys.shape)
+    return grad_query, grad_keys

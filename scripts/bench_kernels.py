@@ -1,0 +1,231 @@
+"""Timing of the memory layer's Triton kernels against its torch path, on one GPU.
+
+Every variant is first checked against the torch path on the same inputs, then timed with
+torch.utils.benchmark (CUDA synchronised) in interleaved rounds; tables give the median of the
+rounds' medians and their spread. GB/s counts only the bytes a kernel must move (formula beside
+each table), so it can be set against the device's HBM bandwidth. Usage:
+
+    python scripts/bench_kernels.py                     # dim 1024, 8k tokens, 512^2 slots
+    python scripts/bench_kernels.py --tokens 4096 --n-keys 1024 --rounds 5
+
+On a machine without CUDA it runs only with TRITON_INTERPRET=1 (Triton's interpreter, tiny
+shapes, e.g. ``--tokens 4 --n-keys 4 --v-dim 8 --k-dim 8 --knn 2 --rounds 1``): a smoke run
+of the script, whose timings mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+from torch.utils import benchmark
+
+from pkm_lm.memory import MemoryConfig, ProductKeyMemory
+from pkm_lm.memory.select import _HalfTopk
+from pkm_lm.memory.values import value_bag
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def time_variants(fns: dict, args) -> dict[str, tuple[float, float, float]]:
+    """(median, min, max) over rounds of each fn's median seconds; fns alternate in a round."""
+    per_round = {name: [] for name in fns}
+    for _ in range(args.rounds):
+        for name, fn in fns.items():
+            timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+            per_round[name].append(timer.blocked_autorange(min_run_time=args.min_run_time).median)
+    return {n: (statistics.median(t), min(t), max(t)) for n, t in per_round.items()}
+
+
+def cell(t: tuple[float, float, float]) -> str:
+    return f"{t[0] * 1e3:.3f} ms ({t[1] * 1e3:.3f}-{t[2] * 1e3:.3f})"
+
+
+def check(got, ref, what: str, tol: float) -> None:
+    for g, r in zip(got, ref, strict=True):
+        g = g.to_dense() if g.is_sparse else g
+        r = r.to_dense() if r.is_sparse else r
+        torch.testing.assert_close(g.float(), r.float(), rtol=tol, atol=tol, msg=what)
+
+
+def value_read(args, device, dtype_name: str) -> None:
+    """value_bag alone: forward, and forward + backward with dense and row-sparse gradients."""
+    dtype = DTYPES[dtype_name]
+    n, r, slots, v = args.tokens, args.heads * args.knn, args.n_keys**2, args.v_dim
+    gen = torch.Generator(device=device).manual_seed(0)
+    indices = torch.randint(0, slots, (n, r), device=device, generator=gen)
+    weights = torch.rand(n, r, device=device, generator=gen).requires_grad_()
+    table = torch.randn(slots, v, device=device, generator=gen).to(dtype).requires_grad_()
+    grad_out = torch.randn(n, v, device=device, generator=gen).to(dtype)
+    e = table.element_size()
+    touched = indices.unique().numel()
+
+    def step(kernel, sparse, backward=True):
+        def fn():
+            weights.grad = table.grad = None
+            out = value_bag(indices, weights, table, sparse, kernel)
+            if not backward:
+                return out
+            grads = torch.autograd.grad(out, (weights, table), grad_out)
+            return (out, *grads)
+
+        return fn
+
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    for sparse in (False, True):
+        check(step("triton", sparse)(), step("torch", sparse)(), f"value_bag sparse={sparse}", tol)
+    fns = {}
+    for kernel in ("torch", "triton"):
+        fns[f"{kernel}/forward"] = step(kernel, False, backward=False)
+        fns[f"{kernel}/fwd+bwd dense"] = step(kernel, False)
+        fns[f"{kernel}/fwd+bwd sparse"] = step(kernel, True)
+    res = time_variants(fns, args)
+    # Bytes that must move: the forward gathers N*R rows, writes N rows and reads 12 B per read
+    # (slot, weight); the backward reads grad_out once, reads and writes each touched row once,
+    # moves 16 B per read (slot, weight, weight gradient), and a dense gradient also zero-fills
+    # the whole table.
+    fwd_bytes = n * r * v * e + n * v * e + n * r * 12
+    bwd_bytes = n * v * e + 2 * touched * v * e + n * r * 16
+    dense_fill = slots * v * e
+    print(
+        f"\nvalue read, {dtype_name} table {slots} x {v}, {n} tokens x {r} reads, "
+        f"{touched} touched rows; ms (min-max of {args.rounds} rounds)"
+    )
+    print("| kernel | forward | fwd+bwd dense | fwd+bwd sparse | fwd GB/s | bwd dense GB/s |")
+    print("|---|---|---|---|---|---|")
+    for kernel in ("torch", "triton"):
+        fwd = res[f"{kernel}/forward"][0]
+        bwd = res[f"{kernel}/fwd+bwd dense"][0] - fwd
+        print(
+            f"| {kernel} | {cell(res[f'{kernel}/forward'])} | "
+            f"{cell(res[f'{kernel}/fwd+bwd dense'])} | {cell(res[f'{kernel}/fwd+bwd sparse'])} | "
+            f"{fwd_bytes / fwd / 1e9:.0f} | {(bwd_bytes + dense_fill) / bwd / 1e9:.0f} |"
+        )
+    print(
+        "fwd bytes = N*R*V*e + N*V*e + 12*N*R; bwd bytes = N*V*e + 2*touched*V*e + 16*N*R "
+        "+ |K|*V*e (zero-fill), bwd time = fwd+bwd - fwd; e = bytes per table element"
+    )
+
+
+def dense_sub_key_backward(query, keys, indices, grad_scores):  # (H,N,d) (H,n,d) (H,N,knn) x 2
+    """Candidate GPU score backward: scatter into (H, N, n) and two batched matmuls."""
+    dense = grad_scores.new_zeros(*indices.shape[:2], keys.shape[1])
+    dense.scatter_(-1, indices, grad_scores)  # top-k indices are distinct within a row
+    return torch.bmm(dense, keys), torch.bmm(dense.transpose(1, 2), query)
+
+
+def sub_key_backward(args, device) -> None:
+    """Backward of one query half's top-k: torch bags, Triton bags, dense scatter + bmm."""
+    h, n, d = args.heads, args.tokens, args.k_dim // 2
+    gen = torch.Generator(device=device).manual_seed(1)
+    query = torch.randn(h, n, d, device=device, generator=gen).requires_grad_()
+    keys = torch.randn(h, args.n_keys, d, device=device, generator=gen).requires_grad_()
+    grad_scores = torch.randn(h, n, args.knn, device=device, generator=gen)
+
+    def bags(kernel):
+        def fn():
+            scores, _ = _HalfTopk.apply(query, keys, args.knn, kernel)
+            return torch.autograd.grad(scores, (query, keys), grad_scores)
+
+        return fn
+
+    def dense():
+        with torch.no_grad():  # the same forward as the bags' rows
+            _, top = torch.bmm(query, keys.transpose(1, 2)).topk(args.knn, dim=-1)
+        return dense_sub_key_backward(query, keys, top, grad_scores)
+
+    def forward():
+        with torch.no_grad():
+            return torch.bmm(query, keys.transpose(1, 2)).topk(args.knn, dim=-1)
+
+    fns = {
+        "forward only (bmm + top-k)": forward,
+        "torch bags": bags("torch"),
+        "triton bags": bags("triton"),
+        "dense scatter + bmm": dense,
+    }
+    ref = fns["torch bags"]()
+    for name in ("triton bags", "dense scatter + bmm"):
+        check(fns[name](), ref, name, 1e-3)
+    res = time_variants(fns, args)
+    print(
+        f"\nsub-key score backward of one half: heads {h}, {n} tokens, {args.n_keys} sub-keys "
+        f"of dim {d}, knn {args.knn}; every row but the first is forward + backward"
+    )
+    print("| variant | ms (min-max) |")
+    print("|---|---|")
+    for name, t in res.items():
+        print(f"| {name} | {cell(t)} |")
+
+
+def layer(args, device, autocast: str | None) -> None:
+    """Whole ProductKeyMemory forward + backward, kernel='torch' vs 'triton'."""
+    x = torch.randn(args.tokens, args.v_dim, device=device)
+    layers = {}
+    for kernel in ("torch", "triton"):
+        torch.manual_seed(0)
+        cfg = MemoryConfig(
+            n_keys=args.n_keys, heads=args.heads, knn=args.knn, k_dim=args.k_dim, kernel=kernel
+        )
+        layers[kernel] = ProductKeyMemory(args.v_dim, args.v_dim, cfg).to(device).train()
+
+    def step(model):
+        def fn():
+            model.zero_grad(set_to_none=True)
+            with torch.autocast(device.type, DTYPES.get(autocast), enabled=autocast is not None):
+                out = model(x)
+            out.float().pow(2).mean().backward()
+            return out
+
+        return fn
+
+    res = time_variants({k: step(m) for k, m in layers.items()}, args)
+    print(
+        f"\nlayer fwd+bwd, dim {args.v_dim}, {args.tokens} tokens, {args.n_keys}^2 slots, heads "
+        f"{args.heads}, knn {args.knn}, k_dim {args.k_dim}, autocast {autocast or 'off'}"
+    )
+    print("| kernel | ms (min-max) | ratio to torch |")
+    print("|---|---|---|")
+    for kernel, t in res.items():
+        print(f"| {kernel} | {cell(t)} | {t[0] / res['torch'][0]:.2f}x |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tokens", type=int, default=8192)
+    parser.add_argument("--n-keys", type=int, default=512)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--knn", type=int, default=32)
+    parser.add_argument("--k-dim", type=int, default=512)
+    parser.add_argument("--v-dim", type=int, default=1024, help="value and layer dim")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--min-run-time", type=float, default=0.2, help="seconds per measurement")
+    args = parser.parse_args()
+
+    from pkm_lm.memory import triton_bag  # triton is needed from here on
+
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        where = torch.cuda.get_device_name()
+    elif triton_bag.INTERPRETED:
+        device, where = torch.device("cpu"), "CPU, Triton interpreter (timings meaningless)"
+    else:
+        raise SystemExit(
+            "bench_kernels.py needs a CUDA device (or TRITON_INTERPRET=1 for a smoke run)"
+        )
+    import triton
+
+    print(
+        f"{where}; torch {torch.__version__}, triton {triton.__version__}, "
+        f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}"
+    )
+    for dtype_name in DTYPES:
+        value_read(args, device, dtype_name)
+    sub_key_backward(args, device)
+    for autocast in (None, "bf16"):
+        layer(args, device, autocast)
+
+
+if __name__ == "__main__":
+    main()
