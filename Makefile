@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 FASTBPE_VERSION := 0.1.0
 
-.PHONY: setup test lint data demo bench-memory bench-data bench-train bench-speed clean
+.PHONY: setup test lint data demo bench-memory bench-data bench-train bench-speed gpu-check wheelhouse clean
 
 setup: $(STAMP)
 
@@ -58,6 +58,23 @@ bench-train: setup
 
 bench-speed: setup
 	$(BIN)/python scripts/bench_speed.py
+
+# The GPU acceptance check (scripts/gpu_check.sh --help), offline, with any Python that has a CUDA
+# torch: `make gpu-check PYTHON=python3` on a GPU node; by default the venv's Python. It needs no
+# set-up: missing pure-Python packages come from wheelhouse/ (`make wheelhouse`, where there is a
+# network). GPU_CHECK_OUT: report folder (default results/gpu/<date>_<gpu>).
+GPU_CHECK_PYTHON = $(if $(filter command line environment,$(origin PYTHON)),$(PYTHON),$(if $(wildcard $(BIN)/python),$(BIN)/python,python3))
+GPU_CHECK_OUT ?=
+GPU_CHECK_ARGS ?=
+gpu-check:
+	PYTHON=$(GPU_CHECK_PYTHON) scripts/gpu_check.sh $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT)) $(GPU_CHECK_ARGS)
+
+# Wheels of everything the project needs besides torch, for WHEEL_PYTHON on Linux x86_64 (the
+# GPU node's); WHEELHOUSE_ALL=1 adds numpy, tqdm, matplotlib, sentencepiece and pytest.
+WHEEL_PYTHON ?= 3.12
+WHEELHOUSE_ALL ?=
+wheelhouse: setup
+	$(BIN)/python scripts/wheelhouse.py --dest wheelhouse --python-version $(WHEEL_PYTHON) $(if $(WHEELHOUSE_ALL),--all)
 
 clean:
 	rm -rf build .pytest_cache .ruff_cache

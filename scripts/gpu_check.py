@@ -1,0 +1,603 @@
+"""The GPU acceptance check: every stage that CPU tests cannot prove, in one offline command.
+
+    scripts/gpu_check.sh [--out DIR] [--data DIR] [--stages env,data,...] [--budget S] [--dry-run]
+
+Stages (each with its own timeout, all inside --budget seconds), each printed as
+PASS / WARN / FAIL / SKIP:
+  env     GPU, memory, capability, torch / CUDA / NCCL versions, bf16; installs missing
+          pure-Python dependencies from the wheelhouse (pip --no-index, into a throwaway dir)
+  data    a synthetic Zipf corpus through the real preprocessing (Moses + sentencepiece, no
+          fastBPE) and a token-id dataset at the paper's vocabulary; or --data DIR
+  pytest  pytest -m gpu (CUDA vs CPU, top-k, LazyAdam, autocast, GradScaler, sync debug,
+          kill + resume, 2 ranks)
+  train   fp16 and bf16 trainings of a 6-layer model with one memory (finite loss, few skipped
+          steps, falling validation perplexity, memory usage > 50%), then evaluate and generate
+  paper   12L_1mem at paper width on one GPU: ms/step and peak GPU memory
+  bench   scripts/bench_train.py and scripts/bench_memory.py with --device cuda
+  repro   (optional, only if the budget allows) the reproduction's GPU-scale headline
+
+Exit status: 0 when no stage failed, 1 when one did, 2 when there is no CUDA device (one line,
+at once) or the arguments are wrong. The report (summary.md first, at most 8 small files, no
+checkpoints) goes to --out, by default results/gpu/<date>_<gpu>/. Only the standard library is
+imported here; every stage runs in a subprocess under the Python that runs this script.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+STATUSES = ("PASS", "WARN", "FAIL", "SKIP")
+TAIL = 400_000  # bytes of each log kept in the report
+
+
+@dataclass
+class Result:
+    status: str
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+@dataclass
+class Stage:
+    name: str
+    title: str
+    timeout: float  # seconds for all of the stage's commands together
+    log: str  # file in the report that receives the commands' output
+    checks: str  # what is verified, for --dry-run and the summary
+    groups: Callable[[Context], list[list[list[str]]]]  # sequential groups of parallel commands
+    verdict: Callable[[Context, list[int]], Result]  # from the return codes and the files
+    optional: bool = False
+    keep_going: bool = False  # run the next group even if a command of this one failed
+
+
+class Context:
+    def __init__(self, args: argparse.Namespace, dry: bool = False):
+        self.args = args
+        if args.work or dry:
+            self.work = Path(args.work or "<work>")
+        else:
+            self.work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
+        self.out: Path | None = Path(args.out) if args.out else None
+        self.site = self.work / "site"
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
+        self.env["PYTHONPATH"] = os.pathsep.join(
+            [str(ROOT), str(self.site), *filter(None, [os.environ.get("PYTHONPATH")])]
+        )
+        self.info: dict = {}  # env stage's probe output
+        self.numbers: dict = {}  # key figures for the summary
+        self.deadline = time.monotonic() + args.budget
+
+    @property
+    def text_data(self) -> Path:
+        return Path(self.args.data) if self.args.data else self.work / "data" / "text"
+
+    @property
+    def ids_data(self) -> Path:
+        return Path(self.args.data) if self.args.data else self.work / "data" / "ids60k"
+
+    def run_dir(self, name: str) -> Path:
+        return self.work / "runs" / name
+
+
+# -- commands --------------------------------------------------------------------------------
+
+
+def probe(*args: str) -> list[str]:
+    return [PY, "scripts/gpu_probe.py", *args]
+
+
+def train_cmd(ctx: Context, name: str, precision: str) -> list[str]:
+    """6 layers, dim 512, one memory of 512^2 slots replacing the FFN of layer 4 (sparse value
+    gradients + LazyAdam, the defaults), 300 steps of 32 x 256 tokens."""
+    return [
+        PY, "-m", "pkm_lm.train", f"run_dir={ctx.run_dir(name)}", f"data.dir={ctx.text_data}",
+        "train.device=cuda", f"train.precision={precision}", "model.n_layers=6",
+        "model.memory.layers=[4]", "data.seq_len=256", "train.batch_size=32",
+        f"train.max_steps={ctx.args.train_steps}", "train.log_interval=25",
+        f"train.eval_interval={ctx.args.train_steps // 3}",
+        f"train.checkpoint_interval={ctx.args.train_steps}", "train.keep_checkpoints=1",
+        "optim.lr=5e-4", "optim.warmup_steps=50",
+    ]  # fmt: skip
+
+
+def env_groups(ctx: Context) -> list[list[list[str]]]:
+    return [[probe("env", "--wheelhouse", ctx.args.wheelhouse, "--target", str(ctx.site),
+                   "--json", str(ctx.work / "env.json"))]]  # fmt: skip
+
+
+def data_groups(ctx: Context) -> list[list[list[str]]]:
+    if ctx.args.data:
+        return [[probe("check-data", str(ctx.args.data))]]
+    raw = ctx.work / "data" / "raw"
+    return [
+        [[PY, "-m", "pkm_lm.data.synthetic", "text", "--out", str(raw), "--words", "1000000"]],
+        [
+            [
+                PY,
+                "-m",
+                "pkm_lm.preprocess",
+                f"raw_dir={raw}",
+                f"out_dir={ctx.text_data}",
+                "tokenizer=sentencepiece",
+                "sentencepiece.vocab_size=2000",
+                "workers=0",
+            ],  # fmt: skip
+            [
+                PY,
+                "-m",
+                "pkm_lm.data.synthetic",
+                "ids",
+                "--out",
+                str(ctx.ids_data),
+                "--vocab",
+                "60000",
+                "--tokens",
+                "2000000",
+            ],  # fmt: skip
+        ],
+    ]
+
+
+def pytest_groups(ctx: Context) -> list[list[list[str]]]:
+    return [[[PY, "-m", "pytest", "-m", "gpu", "-q", "-rfEs", "-p", "no:cacheprovider",
+              "--durations=8", "tests"]]]  # fmt: skip
+
+
+def train_groups(ctx: Context) -> list[list[list[str]]]:
+    bf16 = ctx.run_dir("bf16")
+    return [
+        [train_cmd(ctx, "fp16", "fp16"), train_cmd(ctx, "bf16", "bf16")],
+        [
+            [PY, "-m", "pkm_lm.evaluate", f"run_dir={bf16}", "split=test"],
+            [
+                PY,
+                "-m",
+                "pkm_lm.generate",
+                f"run_dir={bf16}",
+                "prompt=Ba vedu",
+                "max_new_tokens=40",
+                "num_samples=2",
+            ],  # fmt: skip
+        ],
+    ]
+
+
+def paper_groups(ctx: Context) -> list[list[list[str]]]:
+    return [[probe("paper-step", "--run-dir", str(ctx.run_dir("paper")), "--data",
+                   str(ctx.ids_data), "--json", str(ctx.work / "paper.json"))]]  # fmt: skip
+
+
+def bench_groups(ctx: Context) -> list[list[list[str]]]:
+    return [
+        [
+            [
+                PY,
+                "scripts/bench_train.py",
+                "--device",
+                "cuda",
+                "--seq-len",
+                "256",
+                "--batch",
+                "32",
+                "--steps",
+                "20",
+                "--warmup",
+                "5",
+                "--nproc",
+                "1",
+            ]
+        ],  # fmt: skip
+        [[PY, "scripts/bench_memory.py", "--device", "cuda", "--rounds", "5"]],
+    ]
+
+
+def repro_groups(ctx: Context) -> list[list[list[str]]]:
+    return [[["bash", "scripts/sweep.sh", "headline", "--scale", "gpu", "--parallel", "3",
+              "--data", str(ctx.text_data), "--runs", str(ctx.work / "sweep"),
+              "--out", str(ctx.work / "sweep_results")]]]  # fmt: skip
+
+
+# -- verdicts --------------------------------------------------------------------------------
+
+
+def all_ok(codes: list[int]) -> bool:
+    return all(c == 0 for c in codes)
+
+
+def failed(codes: list[int], what: str) -> Result:
+    bad = [c for c in codes if c != 0]
+    reason = "timed out" if any(c == TIMEOUT for c in bad) else f"exit status {bad}"
+    return Result("FAIL", [f"{what}: {reason} (see the log)"])
+
+
+def env_verdict(ctx: Context, codes: list[int]) -> Result:
+    if not all_ok(codes):
+        return failed(codes, "installing from the wheelhouse")
+    info = ctx.info
+    notes = [
+        f"{info['gpu']}, {info['memory_gib']:.1f} GiB, capability {info['capability']}, "
+        f"torch {info['torch']}, CUDA {info['cuda']}, NCCL {info['nccl']}, "
+        f"bf16 {'yes' if info['bf16'] else 'no'}"
+    ]
+    if info.get("installed"):
+        notes.append(f"installed from the wheelhouse: {', '.join(info['installed'])}")
+    missing = [m for m, v in info["imports"].items() if v is None]
+    if missing:
+        return Result("FAIL", [*notes, f"not importable: {', '.join(missing)}"])
+    return Result("PASS" if info["bf16"] else "WARN", notes)
+
+
+def data_verdict(ctx: Context, codes: list[int]) -> Result:
+    if not all_ok(codes):
+        return failed(codes, "making the datasets")
+    from pkm_lm.data.manifest import load_manifest
+
+    notes = []
+    for path in dict.fromkeys([ctx.text_data, ctx.ids_data]):
+        m = load_manifest(path)
+        tokens = {s: m["splits"][s]["tokens"] for s in m["splits"]}
+        notes.append(f"{path.name}: vocabulary {m['vocab_size']:,}, tokens {tokens}")
+    return Result("PASS", notes)
+
+
+def pytest_verdict(ctx: Context, codes: list[int]) -> Result:
+    """FAIL unless pytest passed and ran tests; WARN for skipped tests and for the warnings the
+    GPU tests emit when they fall back (e.g. gloo instead of NCCL)."""
+    log = (ctx.out / "pytest.log").read_text(errors="replace")
+    tail = re.findall(r"^=*\s*(\d+ \w+.* in [\d.]+s.*?)\s*=*$", log, re.M)
+    summary = tail[-1] if tail else "no pytest summary line"
+    if codes[0] != 0:
+        return failed(codes, summary)
+    if not re.search(r"\b[1-9]\d* passed", summary):
+        return Result("FAIL", [f"{summary}: no GPU test ran"])
+    warned = re.findall(r"test_\w+\.py:\d+: \w*Warning: (.*)$", log, re.M)
+    skipped = re.findall(r"^SKIPPED (.*)$", log, re.M)
+    notes = [summary, *(f"warning: {w}" for w in dict.fromkeys(warned))]
+    notes += [f"skipped: {s}" for s in skipped]
+    return Result("WARN" if warned or skipped else "PASS", notes)
+
+
+def train_verdict(ctx: Context, codes: list[int]) -> Result:
+    from pkm_lm.metrics import read_metrics
+
+    if codes[:2] != [0, 0]:
+        return failed(codes[:2], "training")
+    status, notes = "PASS", []
+    for precision in ("fp16", "bf16"):
+        recs = read_metrics(ctx.run_dir(precision))
+        train = [r for r in recs if r["kind"] == "train"]
+        evals = [r for r in recs if r["kind"] == "eval" and r["split"] == "valid"]
+        if not train or len(evals) < 2:
+            status = "FAIL"
+            notes.append(f"{precision}: {len(train)} train and {len(evals)} eval records")
+            continue
+        last = train[-1]
+        usage = min(last["memory_usage"].values())
+        eval_usage = min(m["usage"] for m in evals[-1]["memory"].values())
+        ppl = [round(r["ppl"], 1) for r in evals]
+        problems = []
+        if not all(_finite(r["loss"]) for r in train):
+            problems.append("non-finite loss")
+        if last["skipped_steps"] > (0.1 if precision == "fp16" else 0) * last["step"]:
+            problems.append(f"{last['skipped_steps']} skipped steps")
+        if not ppl[-1] < 0.9 * ppl[0]:
+            problems.append("validation perplexity not falling")
+        if min(usage, eval_usage) <= 50:
+            problems.append("memory usage <= 50%")
+        ctx.numbers[f"train_{precision}_tokens_per_s"] = last["tokens_per_s"]
+        notes.append(
+            f"{precision}: loss {last['loss']:.3f}, valid ppl {' -> '.join(map(str, ppl))}, "
+            f"skipped {last['skipped_steps']}/{last['step']}, memory usage {usage:.1f}% (train) "
+            f"{eval_usage:.1f}% (valid), {last['tokens_per_s']:,.0f} tok/s (both runs share the GPU)"
+            + (f": {', '.join(problems)}" if problems else "")
+        )
+        if problems:
+            status = "FAIL"
+    if codes[2] != 0:
+        return Result("FAIL", [*notes, "evaluate failed"])
+    test = [r for r in read_metrics(ctx.run_dir("bf16")) if r.get("split") == "test"]
+    if not test or not _finite(test[-1]["loss"]):
+        return Result("FAIL", [*notes, "evaluate wrote no finite test record"])
+    notes.append(f"evaluate (bf16 run, test): ppl {test[-1]['ppl']:.1f}")
+    if codes[3] != 0:
+        return Result("FAIL", [*notes, "generate failed"])
+    generated = (ctx.out / "train.log").read_text(errors="replace")
+    if "--- sample 2 ---" not in generated:
+        return Result("FAIL", [*notes, "generate printed no second sample"])
+    notes.append("generate: 2 samples")
+    return Result(status, notes)
+
+
+def paper_verdict(ctx: Context, codes: list[int]) -> Result:
+    if not all_ok(codes):
+        return failed(codes, "12L_1mem step")
+    r = json.loads((ctx.work / "paper.json").read_text())
+    ctx.numbers["paper"] = r
+    return Result(
+        "PASS",
+        [
+            f"12L_1mem, {r['micro_batch']} x {r['seq_len']} tokens, vocabulary {r['vocab']:,}, "
+            f"{r['precision']}: {r['ms_per_step']:.1f} ms/step (median of {r['steps']}), peak GPU "
+            f"memory {r['peak_gib']:.2f} GiB allocated / {r['reserved_gib']:.2f} GiB reserved of "
+            f"{r['total_gib']:.1f} GiB"
+        ],
+    )
+
+
+def bench_verdict(ctx: Context, codes: list[int]) -> Result:
+    notes = [
+        f"{name}: {'ok' if c == 0 else 'timed out' if c == TIMEOUT else f'exit status {c}'}"
+        for name, c in zip(("bench_train.py", "bench_memory.py"), codes, strict=False)
+    ]
+    return Result("PASS" if all_ok(codes) else "FAIL", notes)
+
+
+def repro_verdict(ctx: Context, codes: list[int]) -> Result:
+    if not all_ok(codes):
+        return failed(codes, "sweep.sh headline --scale gpu")
+    tables = sorted((ctx.work / "sweep_results").rglob("*.md"))
+    notes = [f"table: {t.name}" for t in tables]
+    return Result("PASS" if tables else "FAIL", notes or ["no table written"])
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+STAGES = [
+    Stage("env", "environment", 120, "setup.log",
+          "CUDA device, versions, bf16; the project's imports (missing ones from the wheelhouse)",
+          env_groups, env_verdict),
+    Stage("data", "data", 120, "setup.log",
+          "datasets made through the real shard writer (manifest complete, checksums)",
+          data_groups, data_verdict),
+    Stage("pytest", "pytest -m gpu", 200, "pytest.log",
+          "every gpu-marked test passes; skips and warnings are reported as WARN",
+          pytest_groups, pytest_verdict),
+    Stage("train", "real command lines", 180, "train.log",
+          "finite loss, skipped steps <= 10% (fp16) / 0 (bf16), last valid ppl < 0.9 x first, "
+          "memory usage > 50%; evaluate writes a test record; generate prints 2 samples",
+          train_groups, train_verdict),
+    Stage("paper", "12L_1mem paper-width step", 150, "paper.log",
+          "the real trainer runs 12L_1mem steps; ms/step and peak GPU memory",
+          paper_groups, paper_verdict),
+    Stage("bench", "benchmarks on CUDA", 180, "bench.log",
+          "both benchmark scripts run on CUDA and print their tables",
+          bench_groups, bench_verdict, keep_going=True),
+    Stage("repro", "reproduction headline (GPU scale)", 240, "repro.log",
+          "scripts/sweep.sh headline --scale gpu writes its table",
+          repro_groups, repro_verdict, optional=True),
+]  # fmt: skip
+TIMEOUT = -999  # return code recorded for a command killed at its stage's deadline
+
+
+# -- running ---------------------------------------------------------------------------------
+
+
+def run_group(ctx: Context, cmds: list[list[str]], log: Path, deadline: float) -> list[int]:
+    """Run the commands of one group in parallel, appending their output to ``log``."""
+    procs = []
+    for cmd in cmds:
+        out = tempfile.TemporaryFile(dir=ctx.work)
+        procs.append(
+            (cmd, out, subprocess.Popen(cmd, cwd=ROOT, env=ctx.env, stdout=out, stderr=out))
+        )
+    codes = []
+    for cmd, out, proc in procs:
+        try:
+            codes.append(proc.wait(timeout=max(deadline - time.monotonic(), 0.1)))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            codes.append(TIMEOUT)
+        out.seek(0)
+        data = out.read()
+        out.close()
+        if len(data) > TAIL:
+            data = b"[... %d bytes cut ...]\n" % (len(data) - TAIL) + data[-TAIL:]
+        with open(log, "ab") as f:
+            f.write(f"$ {shlex.join(cmd)}\n".encode() + data + f"[exit {codes[-1]}]\n\n".encode())
+    return codes
+
+
+def run_stage(ctx: Context, stage: Stage) -> Result:
+    left = ctx.deadline - time.monotonic()
+    if stage.optional and left < stage.timeout:
+        return Result("SKIP", [f"optional; {left:.0f} s of the budget left, needs {stage.timeout}"])
+    if left < 10:
+        return Result("SKIP", [f"out of budget (--budget {ctx.args.budget})"])
+    deadline = time.monotonic() + min(stage.timeout, left)
+    codes: list[int] = []
+    for group in stage.groups(ctx):
+        codes += run_group(ctx, group, ctx.out / stage.log, deadline)
+        if not all_ok(codes) and not stage.keep_going:
+            break
+    if stage.name == "env":
+        ctx.info = json.loads((ctx.work / "env.json").read_text()) if all_ok(codes) else {}
+    try:
+        return stage.verdict(ctx, codes)
+    except Exception as e:  # a verdict that cannot read its files is a failure of the stage
+        return Result("FAIL", [f"could not check the results: {type(e).__name__}: {e}"])
+
+
+def preflight() -> tuple[bool, str]:
+    """(has CUDA, one line): torch importable and a CUDA device visible, before any work."""
+    code = (
+        "import torch; ok = torch.cuda.is_available(); "
+        "print(ok, torch.__version__, torch.version.cuda, "
+        "torch.cuda.get_device_name(0) if ok else '-')"
+    )
+    proc = subprocess.run([PY, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+        return (
+            False,
+            f"gpu-check: {PY} cannot import torch ({last}); use PYTHON=<a python with torch>",
+        )
+    ok, version, cuda, name = proc.stdout.split(maxsplit=3)
+    if ok != "True":
+        build = f"CUDA {cuda} build" if cuda != "None" else "a build without CUDA"
+        return False, (
+            f"gpu-check: no CUDA device (torch {version}, {build}, with {PY}): "
+            "run it on a machine with an NVIDIA GPU; nothing was done"
+        )
+    return True, name.strip()
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower() or "gpu"
+
+
+def write_summary(ctx: Context, results: dict[str, Result], argv: list[str]) -> Path:
+    info = ctx.info
+    lines = [
+        f"# gpu-check {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC",
+        "",
+        f"- command: `scripts/gpu_check.sh {shlex.join(argv)}`",
+        f"- commit: {_git_commit()}",
+    ]
+    if info:
+        lines += [
+            f"- GPU: {info['gpu']} ({info['memory_gib']:.1f} GiB, capability {info['capability']},"
+            f" {info['count']} device(s)), driver {info.get('driver') or '?'}",
+            f"- torch {info['torch']}, CUDA {info['cuda']}, NCCL {info['nccl']}, "
+            f"Python {info['python']}, {info['cpus']} CPUs",
+        ]
+    lines += ["", "| stage | status | time | notes |", "|---|---|---|---|"]
+    for stage in STAGES:
+        r = results.get(stage.name)
+        if r is None:
+            continue
+        notes = "<br>".join(n.replace("|", "\\|") for n in r.notes)
+        lines.append(f"| {stage.title} | **{r.status}** | {r.seconds:.0f} s | {notes} |")
+    lines += ["", "What each stage checks:", ""]
+    lines += [f"- {s.title}: {s.checks}" for s in STAGES if s.name in results]
+    lines += ["", "Logs: " + ", ".join(sorted({s.log for s in STAGES if s.name in results}))]
+    path = ctx.out / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _git_commit() -> str:
+    try:
+        proc = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        )
+        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True)
+        if proc.returncode == 0:
+            return proc.stdout.strip() + (" (with local changes)" if dirty.stdout else "")
+    except OSError:
+        pass
+    return "unknown (not a git checkout)"
+
+
+def dry_run(ctx: Context, stages: list[Stage]) -> None:
+    print(f"gpu-check dry run: budget {ctx.args.budget} s, python {PY}, work dir {ctx.work}")
+    print(f"report: {ctx.out or 'results/gpu/<date>_<gpu>'} (summary.md first)")
+    for stage in stages:
+        opt = ", optional: runs only if the budget has room" if stage.optional else ""
+        print(f"\n[{stage.name}] {stage.title} (timeout {stage.timeout:.0f} s{opt})")
+        print(f"  checks: {stage.checks}")
+        for group in stage.groups(ctx):
+            joined = " &\n  ".join(f"$ {shlex.join(c)}" for c in group)
+            print(f"  {joined}{'  (in parallel)' if len(group) > 1 else ''}")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="scripts/gpu_check.sh",
+        description=__doc__.split("\n\n")[0],
+        epilog="make gpu-check [PYTHON=python3] [GPU_CHECK_OUT=DIR] [GPU_CHECK_ARGS='...'] runs "
+        "this script. Offline: `make wheelhouse` first where there is a network, then carry "
+        "wheelhouse/ to the GPU node.\n\n" + __doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", help="report folder (default results/gpu/<date>_<gpu>)")
+    p.add_argument("--data", help="a preprocessed corpus to use instead of the synthetic data")
+    p.add_argument("--wheelhouse", default="wheelhouse", help="wheels for missing imports")
+    p.add_argument("--work", help="scratch folder for data and runs, kept (default: a temporary "
+                   "one, deleted at the end)")  # fmt: skip
+    p.add_argument("--keep-work", action="store_true", help="keep the temporary scratch folder")
+    p.add_argument("--budget", type=float, default=330, help="seconds for all stages (330)")
+    p.add_argument("--train-steps", type=int, default=300, help="steps of each training (300)")
+    p.add_argument(
+        "--stages",
+        default=",".join(s.name for s in STAGES),
+        help="comma-separated subset, in this order: " + ",".join(s.name for s in STAGES),
+    )
+    p.add_argument("--dry-run", action="store_true", help="print every stage and command")
+    args = p.parse_args(argv)
+    names = [s.name for s in STAGES]
+    chosen = [n.strip() for n in args.stages.split(",") if n.strip()]
+    bad = [n for n in chosen if n not in names]
+    if bad or not chosen:
+        p.error(f"--stages={args.stages!r}: unknown {bad}; choose from {names}")
+    if args.budget <= 0 or args.train_steps < 3:
+        p.error(f"--budget={args.budget} must be > 0 and --train-steps={args.train_steps} >= 3")
+    if args.data and not (Path(args.data) / "dataset.json").is_file():
+        p.error(f"--data={args.data}: no dataset.json there (a `pkm_lm.preprocess` out_dir)")
+    args.stages = chosen
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    stages = [s for s in STAGES if s.name in args.stages]
+    if args.dry_run:
+        dry_run(Context(args, dry=True), stages)
+        return 0
+    ok, line = preflight()
+    if not ok:
+        print(line, file=sys.stderr)
+        return 2
+    sys.path.insert(0, str(ROOT))  # verdicts read metrics and manifests with the project's code
+    ctx = Context(args)
+    ctx.work.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(1, str(ctx.site))
+    if ctx.out is None:
+        ctx.out = ROOT / "results" / "gpu" / f"{dt.date.today():%Y-%m-%d}_{slug(line)}"
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    for old in ctx.out.iterdir():  # a rerun replaces the report
+        if old.is_file():
+            old.unlink()
+    print(f"gpu-check on {line}: report in {ctx.out}, budget {args.budget:.0f} s", flush=True)
+    results: dict[str, Result] = {}
+    try:
+        for stage in stages:
+            start = time.monotonic()
+            results[stage.name] = r = run_stage(ctx, stage)
+            r.seconds = time.monotonic() - start
+            print(f"[{r.status}] {stage.title} ({r.seconds:.0f} s)", flush=True)
+            for note in r.notes:
+                print(f"       {note}", flush=True)
+            if stage.name == "env" and r.status == "FAIL":
+                break  # nothing else can run without the imports
+            if stage.name == "env" and ctx.info:
+                shutil.copy(ctx.work / "env.json", ctx.out / "env.json")
+    finally:
+        summary = write_summary(ctx, results, argv)
+        if not (args.keep_work or args.work):  # a --work folder is the user's: kept
+            shutil.rmtree(ctx.work, ignore_errors=True)
+    counts = {s: sum(r.status == s for r in results.values()) for s in STATUSES}
+    print(f"gpu-check: {', '.join(f'{n} {s}' for s, n in counts.items() if n)}; {summary}")
+    return 1 if counts["FAIL"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
