@@ -14,11 +14,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed (`pip install triton`, Linux only)")
 
-from pkm_lm.memory import (  # noqa: E402
-    MemoryConfig,
-    ProductKeyMemory,
-    triton_bag,  # noqa: E402
-)
+from pkm_lm.memory import LazyAdam, MemoryConfig, ProductKeyMemory, triton_bag  # noqa: E402
 from pkm_lm.memory.select import product_topk  # noqa: E402
 from pkm_lm.memory.values import value_bag  # noqa: E402
 
@@ -147,6 +143,34 @@ def test_layer_with_triton_kernel_equals_torch_kernel(sparse_grad, device):
     assert grads["triton"].keys() == grads["torch"].keys()
     for name, ref in grads["torch"].items():
         torch.testing.assert_close(grads["triton"][name], ref, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("row_wise", [False, True], ids=["element_wise", "row_wise"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("v", [5, 1030], ids=["v5", "v1030"])
+def test_fused_lazy_adam_equals_torch_path(v, dtype, row_wise, device):
+    g = torch.Generator().manual_seed(v)
+    start = torch.randn(12, v, generator=g).to(dtype)
+    steps = [[1, 4, 7], [], [0, 4, 11], [4]]  # rows touched by each step; one step touches none
+    grads = [torch.randn(len(rows), v, generator=g).to(dtype) for rows in steps]
+    params = {}
+    for kernel in ("torch", "triton"):
+        # The torch path in float64 is the reference; the kernel computes in fp32.
+        ref_dtype = torch.float64 if kernel == "torch" else dtype
+        p = torch.nn.Parameter(start.to(device, ref_dtype))
+        opt = LazyAdam([p], lr=1e-2, betas=(0.9, 0.98), row_wise=row_wise, kernel=kernel)
+        for rows, values in zip(steps, grads, strict=True):
+            index = torch.tensor(rows, dtype=torch.long, device=device)[None]
+            p.grad = torch.sparse_coo_tensor(
+                index, values.to(device, ref_dtype), p.shape, check_invariants=True
+            )
+            opt.step()
+        params[kernel] = (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])
+    for got, ref in zip(params["triton"], params["torch"], strict=True):
+        assert got.dtype == dtype
+        torch.testing.assert_close(got.double(), ref, **TOL[dtype])
+    assert torch.equal(params["triton"][0][[2, 3, 5]], start[[2, 3, 5]].to(device))
 
 
 def test_cpu_tensors_without_interpreter_fail_clearly(monkeypatch):
