@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MemoryConfig
-from .select import flat_topk, product_topk
+from .select import candidate_pairs, flat_topk, product_topk
 from .stats import MemoryStats
 from .values import value_bag
 
@@ -37,6 +37,8 @@ class ProductKeyMemory(nn.Module):
         self.query_bn = nn.BatchNorm1d(q_size) if cfg.query_batchnorm else None
         if cfg.keys == "product":
             self.sub_keys = nn.Parameter(torch.empty(cfg.heads, 2, cfg.n_keys, cfg.k_dim // 2))
+            # A buffer, so it moves with the module and no forward copies it from the host.
+            self.register_buffer("pairs", candidate_pairs(cfg.knn), persistent=False)
         else:
             self.keys = nn.Parameter(torch.empty(cfg.heads, cfg.n_slots, cfg.k_dim))
         # Read through value_bag, never called; `sparse` tells DDP to expect sparse gradients.
@@ -48,8 +50,12 @@ class ProductKeyMemory(nn.Module):
 
     @torch.no_grad()
     def reset_memory_parameters(self) -> None:
-        """XLM initialisation: keys U(-1/sqrt(dim), 1/sqrt(dim)), values N(0, v_dim^-1/2)."""
+        """XLM initialisation: keys U(-1/sqrt(dim), 1/sqrt(dim)), values N(0, v_dim^-1/2).
+
+        Also fills the candidate-pair buffer, for modules built on the meta device."""
         cfg = self.config
+        if cfg.keys == "product":
+            self.pairs.copy_(candidate_pairs(cfg.knn))
         keys = self.sub_keys if cfg.keys == "product" else self.keys
         bound = 1.0 / math.sqrt(keys.shape[-1])
         keys.uniform_(-bound, bound)
@@ -76,7 +82,7 @@ class ProductKeyMemory(nn.Module):
         with torch.autocast(query.device.type, enabled=False):
             query, keys = query.to(dtype), keys.to(dtype)
             if self.config.keys == "product":
-                return product_topk(query, keys, self.config.knn, self.config.kernel)
+                return product_topk(query, keys, self.config.knn, self.pairs, self.config.kernel)
             return flat_topk(query, keys, self.config.knn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

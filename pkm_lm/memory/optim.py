@@ -10,12 +10,16 @@ from collections.abc import Iterable
 
 import torch
 
+from .values import touched_rows
+
 
 class LazyAdam(torch.optim.Optimizer):
     """Adam whose sparse-gradient step updates only the touched rows ("lazy" Adam).
 
     Not the same optimizer as dense Adam: the moments of rows a step does not read are left
     alone (dense Adam would decay them and keep moving those rows with their old momentum).
+    Rows whose gradient is exactly zero count as not read: on GPUs the memory layer pads its
+    sparse gradient with such rows to keep its size fixed.
     Bias correction uses one step counter per parameter, as torch's SparseAdam. Dense
     gradients get the exact torch.optim.Adam update (no weight decay, no amsgrad).
 
@@ -99,24 +103,35 @@ class LazyAdam(torch.optim.Optimizer):
             v = _gather_rows(buffers, "v", exp_avg_sq, rows)
         else:
             m, v = exp_avg, exp_avg_sq
-        m.lerp_(grad, 1 - beta1)
-        v.mul_(beta2)
+        # Weight of the new gradient in each moment; 0 for sparse rows with a zero gradient,
+        # which were not read, so their moments stay as they are.
+        read = _nonzero_rows(grad) if sparse else 1
+        w1, w2 = (1 - beta1) * read, (1 - beta2) * read
+        m.lerp_(grad, w1)
+        v.mul_(1 - w2)
         if row_wise:
             v.add_(
-                torch.linalg.vector_norm(grad, dim=1, keepdim=True).square_(),
-                alpha=(1 - beta2) / grad.shape[1],
+                torch.linalg.vector_norm(grad, dim=1, keepdim=True)
+                .square_()
+                .mul_(w2 / grad.shape[1])
             )
         else:
-            v.addcmul_(grad, grad, value=1 - beta2)
+            v.add_(grad.square().mul_(w2))
         if sparse:
             exp_avg.index_copy_(0, rows, m)
             exp_avg_sq.index_copy_(0, rows, v)
             # The scratch rows are written back: finish the update in place in them.
             denom = v.sqrt_().div_(bias_correction2_sqrt).add_(group["eps"])
-            p.index_add_(0, rows, m.div_(denom), alpha=-step_size)
+            p.index_add_(0, rows, m.div_(denom).mul_(read), alpha=-step_size)
         else:
             denom = v.sqrt().div_(bias_correction2_sqrt).add_(group["eps"])
             p.addcdiv_(m, denom, value=-step_size)
+
+
+def _nonzero_rows(grad: torch.Tensor) -> torch.Tensor:
+    """1 for each row of ``grad`` with a non-zero entry, else 0; shaped to broadcast over it."""
+    read = grad.ne(0).flatten(1).any(1).to(grad.dtype)
+    return read.view(-1, *[1] * (grad.dim() - 1))
 
 
 def _gather_rows(buffers: dict, name: str, source: torch.Tensor, rows: torch.Tensor):
@@ -130,18 +145,24 @@ def _gather_rows(buffers: dict, name: str, source: torch.Tensor, rows: torch.Ten
 
 
 def sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rows, row values) of a row-sparse gradient, with duplicate rows summed.
+    """(rows, row values) of a row-sparse gradient: rows ascending and unique, duplicates summed.
 
     Autograd drops the "coalesced" flag of the memory layer's gradient (its rows are unique
-    and sorted), and ``coalesce()`` of a 512^2-slot gradient costs a second on CPU: check
-    the rows in one pass and coalesce only when rows repeat (e.g. after a DDP all-reduce).
+    and sorted), and ``coalesce()`` costs a second at 512^2 slots on CPU and waits for the
+    device on GPUs. On CPU the rows are checked in one pass (reading the answer costs no
+    device sync there) and merged only when they repeat (e.g. after gradient accumulation or
+    a DDP all-reduce); elsewhere they are always merged, in fixed-size buffers, so nothing
+    waits for the device: then the rows may include unread rows with a zero gradient.
     """
-    if not grad.is_coalesced():
-        rows = grad._indices()[0]
-        if rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all()):
-            return rows, grad._values()
-        grad = grad.coalesce()
-    return grad.indices()[0], grad.values()
+    if grad.is_coalesced():
+        return grad.indices()[0], grad.values()
+    rows, values = grad._indices()[0], grad._values()
+    on_cpu = rows.device.type == "cpu"
+    if on_cpu and (rows.numel() < 2 or bool((rows[1:] > rows[:-1]).all())):
+        return rows, values
+    unique = touched_rows(rows, grad.shape[0], exact=on_cpu)
+    merged = values.new_zeros(unique.numel(), *values.shape[1:])
+    return unique, merged.index_add_(0, torch.searchsorted(unique, rows), values)
 
 
 @torch.no_grad()

@@ -6,11 +6,9 @@ descending order and slot indices in ``[0, n_slots)``.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from .values import row_gradients
+from .values import row_gradients, sort_reads
 
 
 class _HalfTopk(torch.autograd.Function):
@@ -19,6 +17,7 @@ class _HalfTopk(torch.autograd.Function):
     Plain autograd would scatter the (H, N, knn) score gradient into a dense (H, N, n_keys)
     tensor and run two more (H, N, n_keys) matmuls; only knn of the n_keys columns are non-zero,
     so both products are done as bags over the selected rows instead: O(N knn d) not O(N n d).
+    Every shape is known in advance: nothing waits for the device.
     """
 
     @staticmethod
@@ -47,14 +46,16 @@ class _HalfTopk(torch.autograd.Function):
                 rows, keys.reshape(-1, d), mode="sum", per_sample_weights=weights
             ).view(query.shape)
         if ctx.needs_input_grad[1]:
-            touched, grads = row_gradients(rows, weights, query.reshape(-1, d).to(keys.dtype))
-            grad_keys = keys.new_zeros(heads * n, d).index_copy_(0, touched, grads).view(keys.shape)
+            sorted_rows, order = sort_reads(rows)
+            every_row = torch.arange(heads * n, device=keys.device)
+            grad_keys = row_gradients(
+                sorted_rows, order, weights, query.reshape(-1, d).to(keys.dtype), every_row
+            ).view(keys.shape)
         return grad_query, grad_keys, None, None
 
 
-@functools.cache
-def _candidate_pairs(knn: int) -> tuple[list[int], list[int]]:
-    """Ranks (a, b) of the two sorted sub-key lists that can reach the joint top-k.
+def candidate_pairs(knn: int) -> torch.Tensor:
+    """(2, P) ranks (a, b) of the two sorted sub-key lists that can reach the joint top-k.
 
     With both lists sorted, the (a+1)(b+1) pairs (a' <= a, b' <= b) all score at least as high as
     (a, b); so (a, b) can only be in the top-k if (a+1)(b+1) <= knn. This keeps about
@@ -65,14 +66,22 @@ def _candidate_pairs(knn: int) -> tuple[list[int], list[int]]:
         for b in range(knn // (a + 1)):
             a_ranks.append(a)
             b_ranks.append(b)
-    return a_ranks, b_ranks
+    return torch.tensor([a_ranks, b_ranks])
 
 
-def product_topk(query: torch.Tensor, sub_keys: torch.Tensor, knn: int, kernel: str = "torch"):
+def product_topk(
+    query: torch.Tensor,
+    sub_keys: torch.Tensor,
+    knn: int,
+    pairs: torch.Tensor,
+    kernel: str = "torch",
+):
     """Top-k over the n_keys**2 product keys of each head, without scoring them all.
 
-    query: (N, heads, k_dim); sub_keys: (heads, 2, n_keys, k_dim // 2). ``kernel`` picks the
-    bags of the score backward: torch's embedding bag or the Triton kernels of ``value_bag``.
+    query: (N, heads, k_dim); sub_keys: (heads, 2, n_keys, k_dim // 2); pairs:
+    ``candidate_pairs(knn)`` on the query's device (kept there by the caller: building it
+    per call would copy it from the host every forward). ``kernel`` picks the bags of the
+    score backward: torch's embedding bag or the Triton kernels of ``value_bag``.
     """
     n, heads, k_dim = query.shape
     n_keys = sub_keys.shape[2]
@@ -80,9 +89,7 @@ def product_topk(query: torch.Tensor, sub_keys: torch.Tensor, knn: int, kernel: 
     # Best knn sub-keys of each half, sorted descending: (H, N, knn) each.
     s1, i1 = _HalfTopk.apply(halves[0], sub_keys[:, 0], knn, kernel)
     s2, i2 = _HalfTopk.apply(halves[1], sub_keys[:, 1], knn, kernel)
-    a_list, b_list = _candidate_pairs(knn)
-    a = torch.tensor(a_list, device=query.device)
-    b = torch.tensor(b_list, device=query.device)
+    a, b = pairs
     candidates = s1[..., a] + s2[..., b]  # (H, N, P)
     scores, best = candidates.topk(knn, dim=-1)  # (H, N, knn)
     indices = i1.gather(-1, a[best]) * n_keys + i2.gather(-1, b[best])

@@ -11,7 +11,8 @@ import torch.distributed as dist
 class MemoryStats:
     """Per-slot sums of softmax weights and hit counts, over all queries and heads.
 
-    ``update`` is two bincounts (cheap enough for every evaluation batch); ``all_reduce`` sums
+    ``update`` adds into the fixed-size accumulators on their device (no bincount, whose output
+    size depends on the data and so waits for the device); ``all_reduce`` sums
     the accumulators across distributed ranks; ``compute`` turns them into the paper's metrics.
     """
 
@@ -29,8 +30,8 @@ class MemoryStats:
         """indices, weights: any matching shapes (e.g. (N, heads, knn))."""
         idx = indices.reshape(-1).to(self.counts.device)
         w = weights.reshape(-1).to(device=self.counts.device, dtype=torch.float64)
-        self.counts += torch.bincount(idx, minlength=self.n_slots)
-        self.weights += torch.bincount(idx, weights=w, minlength=self.n_slots)
+        self.counts.index_add_(0, idx, torch.ones_like(w))
+        self.weights.index_add_(0, idx, w)
 
     def merge(self, other: MemoryStats) -> None:
         self.weights += other.weights.to(self.weights.device)

@@ -1,9 +1,12 @@
-"""Weighted sum of value rows with a gradient that covers only the rows that were read.
+"""Weighted sum of value rows, with a backward pass that needs no host-device synchronization.
 
-A dense gradient of a |K| x v_dim table costs a zero-fill of the whole table every step (half
-the step time at |K| = 1024^2 on CPU). Here the backward pass groups the reads by slot and
-returns one gradient row per *touched* slot: a coalesced sparse COO tensor (for LazyAdam /
-SparseAdam), or, with ``sparse=False``, the same rows scattered into a dense tensor.
+The backward groups the reads by slot (a stable sort on the device) and sums each slot's reads
+with one embedding bag per output row: the gradient of a |K| x v_dim table is written in one
+pass, with no (reads x v_dim) buffer, no zero-fill followed by a scatter, and no shape that
+depends on the data. With ``sparse=True`` it is a coalesced row-sparse COO tensor instead (for
+LazyAdam / SparseAdam): on CPU exactly the rows read; on other devices a fixed number of rows,
+min(reads, |K|), that holds every row read plus the lowest unread rows with zero gradient, so
+its size is known without asking the device.
 """
 
 from __future__ import annotations
@@ -12,24 +15,70 @@ import torch
 import torch.nn.functional as F
 
 
-def row_gradients(indices: torch.Tensor, weights: torch.Tensor, grad_out: torch.Tensor):
-    """Unique slots read, and for each the sum of weight * grad_out over its reads.
+def sort_reads(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots in ascending order, position of each in ``indices.reshape(-1)``); stable, so the
+    sums below add each slot's reads in a fixed order (run-to-run identical gradients)."""
+    flat = indices.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    return flat[order], order
 
-    Done as an embedding bag over grad_out with one bag per slot: no (reads x v_dim) buffer.
+
+def touched_rows(slots: torch.Tensor, n_rows: int, exact: bool) -> torch.Tensor:
+    """Ascending unique rows covering every slot in ``slots`` (any order, repeats allowed).
+
+    ``exact``: exactly the slots read (the count comes back to the host: free on CPU, a sync on
+    an accelerator). Otherwise min(len(slots), n_rows) rows, padded with the lowest unread
+    rows: a size known in advance, so nothing waits for the device.
     """
-    per_bag = indices.shape[1]
-    sorted_slots, order = indices.reshape(-1).sort()
-    rows, counts = torch.unique_consecutive(sorted_slots, return_counts=True)
-    offsets = counts.cumsum(0) - counts
-    readers = torch.div(order, per_bag, rounding_mode="floor")  # token of each read
-    row_grads = F.embedding_bag(
+    read = torch.zeros(n_rows, dtype=torch.bool, device=slots.device)
+    read[slots] = True
+    if exact:
+        return read.nonzero().squeeze(1)
+    size = min(slots.numel(), n_rows)
+    # Keep every read row and the first (size - rows read) unread ones: exactly `size` rows.
+    padding = size - read.sum()
+    keep = read | ((~read).cumsum(0) <= padding)
+    return torch.nonzero_static(keep, size=size).squeeze(1)
+
+
+def row_gradients(
+    sorted_slots: torch.Tensor,
+    order: torch.Tensor,
+    weights: torch.Tensor,
+    grad_out: torch.Tensor,
+    rows: torch.Tensor,
+) -> torch.Tensor:
+    """For each of ``rows`` (ascending, covering every slot read) the sum of
+    weights[read] * grad_out[token of read] over its reads: (len(rows), grad_out.shape[1]).
+
+    One embedding bag per row over grad_out: rows nobody read get an empty bag (zeros).
+    """
+    per_bag = weights.shape[-1]
+    readers = torch.div(order, per_bag, rounding_mode="floor")  # token of each sorted read
+    return F.embedding_bag(
         readers,
         grad_out,
-        offsets,
+        torch.searchsorted(sorted_slots, rows),  # first sorted read of each row
         mode="sum",
         per_sample_weights=weights.reshape(-1)[order].to(grad_out.dtype),
     )
-    return rows, row_grads
+
+
+def read_weight_gradients(
+    indices: torch.Tensor, table: torch.Tensor, grad_out: torch.Tensor
+) -> torch.Tensor:
+    """grad_out[n] . table[indices[n, j]] for every read: the gradient of each read's weight.
+
+    Torch's embedding-bag backward computes these dot products in one pass over the rows read
+    (no (reads x v_dim) buffer, no re-run of the forward).
+    """
+    n, per_bag = indices.shape
+    device = indices.device
+    offsets = torch.arange(0, n * per_bag, per_bag, device=device)
+    offset2bag = torch.arange(n, device=device)[:, None].expand(n, per_bag).reshape(-1)
+    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+        grad_out, table, indices.reshape(-1), offsets, offset2bag, 0
+    ).view(n, per_bag)
 
 
 class _ValueBag(torch.autograd.Function):
@@ -45,20 +94,21 @@ class _ValueBag(torch.autograd.Function):
         grad_out = grad_out.contiguous()
         grad_weights = grad_table = None
         if ctx.needs_input_grad[1]:
-            # d out / d w_i = v_i: torch's embedding-bag kernel computes these dot products
-            # without materialising the (reads x v_dim) gathered rows.
-            with torch.enable_grad():
-                w = weights.detach().requires_grad_()
-                out = F.embedding_bag(indices, table.detach(), mode="sum", per_sample_weights=w)
-                (grad_weights,) = torch.autograd.grad(out, w, grad_out)
+            grad_weights = read_weight_gradients(indices, table, grad_out)
         if ctx.needs_input_grad[2]:
-            rows, row_grads = row_gradients(indices, weights, grad_out)
+            sorted_slots, order = sort_reads(indices)
+            n_rows = table.shape[0]
+            if ctx.sparse:
+                rows = touched_rows(sorted_slots, n_rows, exact=table.device.type == "cpu")
+            else:
+                rows = torch.arange(n_rows, device=table.device)
+            grads = row_gradients(sorted_slots, order, weights, grad_out, rows)
             if ctx.sparse:
                 grad_table = torch.sparse_coo_tensor(
-                    rows[None], row_grads, table.shape, is_coalesced=True, check_invariants=False
+                    rows[None], grads, table.shape, is_coalesced=True, check_invariants=False
                 )
             else:
-                grad_table = table.new_zeros(table.shape).index_copy_(0, rows, row_grads)
+                grad_table = grads
         return None, grad_weights, grad_table, None
 
 

@@ -1,0 +1,119 @@
+"""The value read's backward pieces against plain references: touched rows, row gradients, the
+fixed-size sparse gradient used off the CPU, and LazyAdam on such a gradient."""
+
+import pytest
+import torch
+
+from pkm_lm.memory import LazyAdam, sparse_rows
+from pkm_lm.memory.values import row_gradients, sort_reads, touched_rows, value_bag
+
+
+def reads(n=9, per_bag=6, n_rows=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    indices = torch.randint(0, n_rows, (n, per_bag), generator=g)
+    indices[:1, 1:] = indices[:1, :1]  # the same slot several times within one token
+    weights = torch.rand(n, per_bag, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(n, 5, generator=g, dtype=torch.float64)
+    return indices, weights, grad_out
+
+
+def dense_reference(indices, weights, grad_out, n_rows):
+    """Table gradient by autograd through an explicit gather."""
+    table = torch.zeros(n_rows, grad_out.shape[1], dtype=grad_out.dtype, requires_grad=True)
+    (weights[..., None] * table[indices]).sum(1).backward(grad_out)
+    return table.grad
+
+
+@pytest.mark.parametrize("n,n_rows", [(9, 40), (9, 30), (30, 10), (1, 1000), (0, 12)])
+@pytest.mark.parametrize("exact", [True, False])
+def test_touched_rows_cover_every_read_once(n, n_rows, exact):
+    indices, _, _ = reads(n=n, n_rows=n_rows)
+    rows = touched_rows(indices.reshape(-1), n_rows, exact)
+    read = set(indices.reshape(-1).tolist())
+    assert rows.tolist() == sorted(set(rows.tolist())), "ascending and unique"
+    assert read <= set(rows.tolist())
+    if exact:
+        assert set(rows.tolist()) == read
+    else:  # fixed size, padded with the lowest unread rows
+        assert rows.numel() == min(indices.numel(), n_rows)
+        padding = sorted(set(rows.tolist()) - read)
+        unread = sorted(set(range(n_rows)) - read)
+        assert padding == unread[: len(padding)]
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_row_gradients_equal_the_dense_gradient_on_their_rows(exact):
+    indices, weights, grad_out = reads()
+    ref = dense_reference(indices, weights, grad_out, 40)
+    sorted_slots, order = sort_reads(indices)
+    rows = touched_rows(sorted_slots, 40, exact)
+    grads = row_gradients(sorted_slots, order, weights, grad_out, rows)
+    torch.testing.assert_close(grads, ref[rows])
+    every = row_gradients(sorted_slots, order, weights, grad_out, torch.arange(40))
+    torch.testing.assert_close(every, ref)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_value_bag_gradients_equal_autograd_through_a_gather(sparse):
+    indices, weights, grad_out = reads(n=12, n_rows=25)
+    table = torch.randn(25, 5, dtype=torch.float64, requires_grad=True)
+    w = weights.clone().requires_grad_()
+    value_bag(indices, w, table, sparse).backward(grad_out)
+    t_ref = table.detach().clone().requires_grad_()
+    w_ref = weights.clone().requires_grad_()
+    (w_ref[..., None] * t_ref[indices]).sum(1).backward(grad_out)
+    torch.testing.assert_close(w.grad, w_ref.grad)
+    assert table.grad.is_sparse == sparse
+    torch.testing.assert_close(table.grad.to_dense(), t_ref.grad)
+
+
+def test_value_bag_on_an_empty_batch():
+    table = torch.randn(7, 3, requires_grad=True)
+    w = torch.ones(0, 4, requires_grad=True)
+    out = value_bag(torch.zeros(0, 4, dtype=torch.long), w, table)
+    assert out.shape == (0, 3)
+    out.sum().backward()
+    assert torch.equal(table.grad, torch.zeros(7, 3)) and w.grad.shape == (0, 4)
+
+
+def test_sparse_rows_merge_repeated_rows():
+    values = torch.randn(5, 3)
+    grad = torch.sparse_coo_tensor(
+        torch.tensor([[4, 1, 4, 0, 1]]), values, (6, 3), check_invariants=True
+    )
+    rows, merged = sparse_rows(grad)
+    assert rows.tolist() == [0, 1, 4]
+    torch.testing.assert_close(merged, grad.coalesce().values())
+
+
+def test_lazy_adam_leaves_rows_with_zero_gradient_alone():
+    """The padded fixed-size gradient steps LazyAdam exactly as the gradient of the rows read."""
+    indices, weights, grad_out = reads(n=4, per_bag=3, n_rows=30)
+    sorted_slots, order = sort_reads(indices)
+    every_row = torch.sparse_coo_tensor(
+        torch.arange(30)[None],
+        torch.randn(30, 5, dtype=torch.float64),
+        (30, 5),
+        check_invariants=True,
+    )
+    params = []
+    for exact in (True, False):
+        rows = touched_rows(sorted_slots, 30, exact)
+        values = row_gradients(sorted_slots, order, weights, grad_out, rows)
+        torch.manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(30, 5, dtype=torch.float64))
+        opt = LazyAdam([p], lr=0.1)
+        p.grad = every_row  # every row gets momentum
+        opt.step()
+        before = (p.detach().clone(), opt.state[p]["exp_avg"].clone())
+        p.grad = torch.sparse_coo_tensor(rows[None], values, p.shape, check_invariants=True)
+        opt.step()
+        unread = torch.ones(30, dtype=torch.bool)
+        unread[indices.reshape(-1)] = False
+        assert torch.equal(p.detach()[unread], before[0][unread])
+        assert torch.equal(opt.state[p]["exp_avg"][unread], before[1][unread])
+        params.append(p.detach())
+    assert (
+        touched_rows(sorted_slots, 30, False).numel() > touched_rows(sorted_slots, 30, True).numel()
+    )
+    torch.testing.assert_close(params[0], params[1], rtol=0, atol=0)
