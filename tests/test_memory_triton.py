@@ -15,7 +15,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (`pip install triton`, Linux only)")
 
 from pkm_lm.memory import LazyAdam, MemoryConfig, ProductKeyMemory, triton_bag  # noqa: E402
-from pkm_lm.memory.select import product_topk  # noqa: E402
+from pkm_lm.memory.select import candidate_pairs, product_topk  # noqa: E402
 from pkm_lm.memory.values import value_bag  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
@@ -116,7 +116,7 @@ def test_sub_key_gradients_equal_torch_path(n_keys, heads, knn, k_dim, n, device
     grads = {}
     for kernel in ("torch", "triton"):
         q, k = query.clone().requires_grad_(), sub_keys.clone().requires_grad_()
-        scores, indices = product_topk(q, k, knn, kernel)
+        scores, indices = product_topk(q, k, knn, candidate_pairs(knn), kernel)
         grads[kernel] = (indices, *torch.autograd.grad(scores, (q, k), torch.cos(scores)))
     assert torch.equal(grads["triton"][0], grads["torch"][0])
     torch.testing.assert_close(grads["triton"][1:], grads["torch"][1:])

@@ -30,8 +30,7 @@ def touched_rows(slots: torch.Tensor, n_rows: int, exact: bool) -> torch.Tensor:
     an accelerator). Otherwise min(len(slots), n_rows) rows, padded with the lowest unread
     rows: a size known in advance, so nothing waits for the device.
     """
-    read = torch.zeros(n_rows, dtype=torch.bool, device=slots.device)
-    read[slots] = True
+    read = torch.zeros(n_rows, dtype=torch.bool, device=slots.device).index_fill_(0, slots, True)
     if exact:
         return read.nonzero().squeeze(1)
     size = min(slots.numel(), n_rows)
