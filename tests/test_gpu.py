@@ -343,12 +343,23 @@ def test_grad_scaler_skips_an_injected_overflow_on_every_optimizer(
 # -- the command line: kill + resume, two ranks ----------------------------------------------
 
 
-def run(args: list[str], launcher: list[str] | None = None, check: bool = True):
+def run(args: list[str], launcher: list[str] | None = None, check: bool = True, timeout=300):
+    """Run a command line; on timeout its whole process group (torchrun's workers) is killed
+    and the result has return code None."""
     cmd = (launcher or [sys.executable]) + args
-    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{cmd} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-    return proc
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+        code = proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        code, stderr = None, stderr + f"\n(timed out after {timeout} s)"
+    result = subprocess.CompletedProcess(cmd, code, stdout, stderr)
+    if check and code != 0:
+        raise AssertionError(f"{cmd} failed ({code}):\n{stdout[-2000:]}\n{stderr[-4000:]}")
+    return result
 
 
 def train_losses(run_dir: Path) -> list[tuple[int, float]]:
@@ -396,7 +407,7 @@ def test_two_ranks_equal_one_process_on_cuda(ids_data, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     run(["-m", "pkm_lm.train", *tiny_args(ids_data, one, *common)])
     args = ["-m", "pkm_lm.train", *tiny_args(ids_data, two, *common)]
-    nccl = run([*args, "distributed.backend=nccl"], launcher=TORCHRUN, check=False)
+    nccl = run([*args, "distributed.backend=nccl"], launcher=TORCHRUN, check=False, timeout=90)
     if nccl.returncode != 0:
         if torch.cuda.device_count() >= 2:
             raise AssertionError(f"NCCL on 2 GPUs failed:\n{nccl.stderr[-4000:]}")
