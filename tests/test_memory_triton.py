@@ -84,14 +84,22 @@ def test_kernels_equal_torch_path(case, dtype, sparse, device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sparse", [False, True])
-def test_sparse_gradient_holds_only_touched_rows(sparse, device):
+def test_gradient_layout_is_the_torch_paths(sparse, device):
+    """Dense, or sparse over the torch path's rows (the rows read on CPU; a fixed number,
+    padded with unread zero rows, on other devices), coalesced."""
     indices, weights, table, grad_out = make_inputs("basic", torch.float32, device)
     t = table.requires_grad_()
-    (grad_t,) = torch.autograd.grad(value_bag(indices, weights, t, sparse, "triton"), t, grad_out)
-    assert grad_t.is_sparse == sparse
+    layouts = {}
+    for kernel in ("torch", "triton"):
+        out = value_bag(indices, weights, t, sparse, kernel)
+        (layouts[kernel],) = torch.autograd.grad(out, t, grad_out)
+    got, ref = layouts["triton"], layouts["torch"]
+    assert got.is_sparse == ref.is_sparse == sparse
     if sparse:
-        assert grad_t.is_coalesced()
-        assert torch.equal(grad_t.indices()[0], indices.unique())
+        assert got.is_coalesced()
+        assert torch.equal(got.indices(), ref.indices())
+        if device == "cpu":
+            assert torch.equal(got.indices()[0], indices.unique())
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -154,6 +162,7 @@ def test_fused_lazy_adam_equals_torch_path(v, dtype, row_wise, device):
     start = torch.randn(12, v, generator=g).to(dtype)
     steps = [[1, 4, 7], [], [0, 4, 11], [4]]  # rows touched by each step; one step touches none
     grads = [torch.randn(len(rows), v, generator=g).to(dtype) for rows in steps]
+    grads[2][2] = 0  # row 11: padding of a fixed-size sparse gradient, not read
     params = {}
     for kernel in ("torch", "triton"):
         # The torch path in float64 is the reference; the kernel computes in fp32.
@@ -170,7 +179,9 @@ def test_fused_lazy_adam_equals_torch_path(v, dtype, row_wise, device):
     for got, ref in zip(params["triton"], params["torch"], strict=True):
         assert got.dtype == dtype
         torch.testing.assert_close(got.double(), ref, **TOL[dtype])
-    assert torch.equal(params["triton"][0][[2, 3, 5]], start[[2, 3, 5]].to(device))
+    unread = [2, 3, 5, 11]
+    assert torch.equal(params["triton"][0][unread], start[unread].to(device))
+    assert not params["triton"][1][unread].any() and not params["triton"][2][unread].any()
 
 
 def test_cpu_tensors_without_interpreter_fail_clearly(monkeypatch):

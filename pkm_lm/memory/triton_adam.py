@@ -33,33 +33,38 @@ def _lazy_adam_rows(
 ):
     u = tl.program_id(0).to(tl.int64)
     row = tl.load(rows + u).to(tl.int64)
-    if ROW_WISE:  # one second moment per row: the mean of g^2 over the row
-        sq = tl.zeros([BLOCK_V], dtype=tl.float32)
-        for c0 in range(0, V, BLOCK_V):
-            cols = c0 + tl.arange(0, BLOCK_V)
-            g = tl.load(grads + u * V + cols, mask=cols < V, other=0.0).to(tl.float32)
-            sq += g * g
-        v = tl.load(exp_avg_sq + row).to(tl.float32)
-        v = beta2 * v + (1.0 - beta2) * tl.sum(sq, axis=0) / V
-        tl.store(exp_avg_sq + row, v.to(exp_avg_sq.dtype.element_ty))
-        row_denom = tl.sqrt(v) / bias_correction2_sqrt + eps
+    # A row whose gradient is all zeros was not read (padding of a fixed-size sparse
+    # gradient): it is left alone, moments included, as the torch path does.
+    largest = tl.zeros([BLOCK_V], dtype=tl.float32)
+    sq = tl.zeros([BLOCK_V], dtype=tl.float32)
     for c0 in range(0, V, BLOCK_V):
         cols = c0 + tl.arange(0, BLOCK_V)
-        ok = cols < V
-        at = row * V + cols
-        g = tl.load(grads + u * V + cols, mask=ok, other=0.0).to(tl.float32)
-        m = tl.load(exp_avg + at, mask=ok, other=0.0).to(tl.float32)
-        m = m + (1.0 - beta1) * (g - m)
-        tl.store(exp_avg + at, m.to(exp_avg.dtype.element_ty), mask=ok)
-        if ROW_WISE:
-            denom = row_denom
-        else:
-            v = tl.load(exp_avg_sq + at, mask=ok, other=0.0).to(tl.float32)
-            v = beta2 * v + (1.0 - beta2) * g * g
-            tl.store(exp_avg_sq + at, v.to(exp_avg_sq.dtype.element_ty), mask=ok)
-            denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-        p = tl.load(param + at, mask=ok, other=0.0).to(tl.float32)
-        tl.store(param + at, (p - step_size * m / denom).to(param.dtype.element_ty), mask=ok)
+        g = tl.load(grads + u * V + cols, mask=cols < V, other=0.0).to(tl.float32)
+        largest = tl.maximum(largest, tl.abs(g))
+        sq += g * g
+    if tl.max(largest, axis=0) > 0.0:
+        if ROW_WISE:  # one second moment per row: the mean of g^2 over the row
+            v = tl.load(exp_avg_sq + row).to(tl.float32)
+            v = beta2 * v + (1.0 - beta2) * tl.sum(sq, axis=0) / V
+            tl.store(exp_avg_sq + row, v.to(exp_avg_sq.dtype.element_ty))
+            row_denom = tl.sqrt(v) / bias_correction2_sqrt + eps
+        for c0 in range(0, V, BLOCK_V):
+            cols = c0 + tl.arange(0, BLOCK_V)
+            ok = cols < V
+            at = row * V + cols
+            g = tl.load(grads + u * V + cols, mask=ok, other=0.0).to(tl.float32)
+            m = tl.load(exp_avg + at, mask=ok, other=0.0).to(tl.float32)
+            m = m + (1.0 - beta1) * (g - m)
+            tl.store(exp_avg + at, m.to(exp_avg.dtype.element_ty), mask=ok)
+            if ROW_WISE:
+                denom = row_denom
+            else:
+                v = tl.load(exp_avg_sq + at, mask=ok, other=0.0).to(tl.float32)
+                v = beta2 * v + (1.0 - beta2) * g * g
+                tl.store(exp_avg_sq + at, v.to(exp_avg_sq.dtype.element_ty), mask=ok)
+                denom = tl.sqrt(v) / bias_correction2_sqrt + eps
+            p = tl.load(param + at, mask=ok, other=0.0).to(tl.float32)
+            tl.store(param + at, (p - step_size * m / denom).to(param.dtype.element_ty), mask=ok)
 
 
 @torch.no_grad()
@@ -74,7 +79,8 @@ def lazy_adam_rows_(
     bias_correction2_sqrt: float,
     eps: float,
 ) -> None:
-    """Adam update of ``param[rows]`` and its moments, in place; rows unique.
+    """Adam update of ``param[rows]`` and its moments, in place; rows unique; rows whose
+    gradient is all zeros are skipped (they were not read).
 
     ``exp_avg_sq`` of shape (|K|, 1) keeps one second moment per row (LazyAdam's row_wise).
     """

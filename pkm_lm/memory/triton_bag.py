@@ -4,8 +4,10 @@ Forward: one program per (token, block of v_dim) sums weight * row over the toke
 heads x knn reads, in fp32. Backward, in one pass and without re-running the forward: the reads
 are sorted by slot on the device; the program at the first read of each slot loads the table
 row once, walks the slot's reads, and writes both the row's gradient (sum of weight * grad_out)
-and each read's weight gradient (grad_out . row). A dense table gradient needs no host sync; a
-row-sparse one needs the number of touched rows on the host (one sync, as the torch path).
+and each read's weight gradient (grad_out . row). Nothing waits for the device: a row-sparse
+gradient has the torch path's rows (``touched_rows``: a fixed number of them off the CPU). The
+sort is stable, so each row sums its reads in a fixed order (run-to-run identical gradients,
+except the weight gradients of v_dim > 1024, summed atomically over column blocks).
 
 Kernels run on CUDA tensors, or on CPU tensors in Triton's interpreter when ``TRITON_INTERPRET=1``
 was set before this module was imported (how the tests check them without a GPU).
@@ -16,6 +18,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .values import sort_reads, touched_rows
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)  # read when the kernels below are decorated
 
@@ -138,14 +142,12 @@ def bag_backward(
     n, r = indices.shape
     v = table.shape[1]
     flat = indices.reshape(-1)
-    sorted_slots, order = flat.sort()
+    sorted_slots, order = sort_reads(indices)
     run_end = torch.searchsorted(sorted_slots, sorted_slots, right=True).to(torch.int32)
-    if sparse and need_table:
-        first = torch.ones_like(sorted_slots, dtype=torch.bool)
-        first[1:] = sorted_slots[1:] != sorted_slots[:-1]
-        rows = sorted_slots[first]  # the one host sync: the number of touched rows
-        dst_row = first.cumsum(0) - 1
-        grad_rows = table.new_empty(rows.shape[0], v)
+    if sparse and need_table:  # the rows of the torch path: exact on CPU, fixed-size elsewhere
+        rows = touched_rows(sorted_slots, table.shape[0], exact=table.device.type == "cpu")
+        dst_row = torch.searchsorted(rows, sorted_slots)  # each read's row in the output
+        grad_rows = table.new_zeros(rows.shape[0], v)  # padding rows (never read) stay zero
     else:  # an unused output still gets a real (one-row) buffer: the launcher checks pointers
         dst_row = sorted_slots
         grad_rows = table.new_zeros(table.shape) if need_table else table.new_empty(1, v)
