@@ -1,4 +1,5 @@
-"""Atomic checkpoints in ``run_dir/checkpoints``: ``step_XXXXXXX.pt`` plus a JSON beside it.
+"""Atomic checkpoints in ``run_dir/checkpoints``: ``step_XXXXXXX.pt`` plus a JSON beside it, and
+``load_run``, the trained model of a run directory.
 
 The ``.pt`` is written to a temporary name and renamed, then its JSON metadata; a checkpoint is
 complete once its JSON exists, so a run killed mid-write resumes from the previous one.
@@ -12,8 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import OmegaConf
 
 from pkm_lm.atomic import atomic_write, atomic_write_text
+from pkm_lm.config import TrainConfig
+from pkm_lm.model import TransformerLM, build_model
 
 _NAME = re.compile(r"^step_(\d+)\.json$")
 
@@ -53,9 +57,38 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+def load_checkpoint(path: str | Path, mmap: bool = True) -> dict[str, Any]:
+    """The state saved at ``path``, on the CPU (RNG states must stay there; ``load_state_dict``
+    moves the rest to its parameters' device). ``mmap``: tensors stay in the file until read, so
+    a paper-scale checkpoint on each of 8 ranks does not need 8 copies in host memory; pass
+    False when the tensors are kept on the CPU (a CPU optimizer would keep the file mapped)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     # weights_only=False: the state holds RNG states and the data loader's plain-Python state.
-    return torch.load(path, map_location=map_location, weights_only=False)
+    return torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
+
+
+def read_run_config(run_dir: str | Path) -> TrainConfig:
+    """The validated config a training run wrote to ``run_dir/config.yaml``."""
+    cfg_path = Path(run_dir) / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path} not found: is run_dir={run_dir} a training run?")
+    schema = OmegaConf.structured(TrainConfig)
+    return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(cfg_path)))
+
+
+def load_run(
+    run_dir: str | Path, device: torch.device | str = "cpu", checkpoint: str | Path | None = None
+) -> tuple[TransformerLM, TrainConfig, dict[str, Any]]:
+    """The trained model of ``run_dir`` on ``device`` (from its newest complete checkpoint, or
+    ``checkpoint``), its config, and the checkpoint's state (on the CPU, memory-mapped: the
+    optimizer state is not read unless used)."""
+    cfg = read_run_config(run_dir)
+    ckpt_path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
+    if ckpt_path is None:
+        raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir(run_dir)}")
+    state = load_checkpoint(ckpt_path)
+    model = build_model(cfg.model, device)
+    model.load_state_dict(state["model"])
+    return model, cfg, state

@@ -179,6 +179,7 @@ class TrainLoopConfig:
     seed: int = 0
     precision: str = "fp32"
     keep_checkpoints: int = 2
+    device: str = "auto"  # auto: CUDA when available, else CPU
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_steps", "eval_interval", "checkpoint_interval"):
@@ -189,6 +190,7 @@ class TrainLoopConfig:
             if getattr(self, name) is not None:
                 _check_positive(f"train.{name}", getattr(self, name))
         _check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
 
     def micro_steps(self, world_size: int) -> tuple[int, int]:
         """(micro batch size per rank, micro-steps per optimizer step) for this world size."""
@@ -230,6 +232,12 @@ class LoggerConfig:
         _check_choice("logger.mode", self.mode, ("offline", "online", "disabled"))
 
 
+# Settings a resumed run must keep: they decide what it trains. Intervals, max_steps, precision,
+# device, logger and data.dir may change between a run and its resumption.
+_RESUME_FIXED = [("model", None), ("data", "seq_len"), ("data", "shuffle"),
+                 ("train", "batch_size"), ("train", "seed")]  # fmt: skip
+
+
 @dataclass
 class TrainConfig:
     run_dir: str = "runs/default"
@@ -253,6 +261,24 @@ class TrainConfig:
                 "model.memory.sparse_grad=false, or use optim.value_optimizer=lazy_adam"
             )
 
+    def check_resumable(self, saved: dict, source: str) -> None:
+        """Refuse to resume ``source``, trained under ``saved`` (a config as plain containers),
+        with settings that change what it trains."""
+        now = OmegaConf.to_container(OmegaConf.structured(self))
+        keys = []
+        for group, key in _RESUME_FIXED:
+            keys += [(group, k) for k in now[group]] if key is None else [(group, key)]
+        changed = [
+            f"{group}.{key}: {saved[group][key]!r} -> {now[group][key]!r}"
+            for group, key in keys
+            if saved[group].get(key) != now[group][key]
+        ]
+        if changed:
+            raise ValueError(
+                f"cannot resume {source}: it was trained with other settings "
+                f"({'; '.join(changed)}); use another run_dir or the original settings"
+            )
+
 
 @dataclass
 class EvaluateConfig:
@@ -260,6 +286,10 @@ class EvaluateConfig:
     split: str = "test"
     batch_size: int | None = None  # per rank; None: the run's eval batch size
     checkpoint: str | None = None  # None: the newest complete checkpoint of the run
+    device: str | None = None  # auto, cpu or cuda; None: the run's train.device
+
+    def __post_init__(self) -> None:
+        _check_choice("device", self.device, (None, "auto", "cpu", "cuda"))
 
 
 @dataclass
@@ -272,8 +302,10 @@ class GenerateConfig:
     num_samples: int = 1
     seed: int = 0
     checkpoint: str | None = None
+    device: str | None = None  # auto, cpu or cuda; None: the run's train.device
 
     def __post_init__(self) -> None:
+        _check_choice("device", self.device, (None, "auto", "cpu", "cuda"))
         _check_positive("max_new_tokens", self.max_new_tokens)
         _check_positive("num_samples", self.num_samples)
         if self.temperature <= 0:

@@ -1,4 +1,5 @@
-"""Process group set-up for torchrun, and a query BatchNorm synchronised across ranks on CPU.
+"""Process group and device set-up for torchrun, DDP with row-sparse value gradients, and a
+query BatchNorm synchronised across ranks on any device.
 
 Without torchrun's environment (RANK / WORLD_SIZE / LOCAL_RANK) everything runs as a single
 process. torch's SyncBatchNorm refuses CPU tensors, so ``SyncedBatchNorm1d`` all-reduces the
@@ -8,14 +9,16 @@ which works on gloo and nccl alike.
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pkm_lm.memory import sparse_rows
 
@@ -36,27 +39,57 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed(backend: str | None = None) -> DistEnv:
+# Ranks wait in their next collective while rank 0 writes a checkpoint: a paper-scale one
+# (weights + Adam moments, ~5 GB for 12L_1mem, ~17 GB with a 1024^2 memory) on a slow shared
+# disk must not trip the default timeout (10 minutes on NCCL).
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
+
+
+def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
+    """``train.device``: auto (CUDA when available), cpu or cuda; local rank i gets GPU
+    i % (visible GPUs), so several ranks may share a GPU on a small node."""
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ValueError(
+            f"train.device=cuda but no CUDA device is usable (torch {torch.__version__}, {build}); "
+            "use train.device=cpu or train.device=auto"
+        )
+    return torch.device("cuda", local_rank % torch.cuda.device_count())
+
+
+def init_distributed(backend: str | None = None, device: str = "auto") -> DistEnv:
     """Join torchrun's process group if launched by it (gloo on CPU, nccl on CUDA by default)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available():
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
-        backend = backend or ("nccl" if device.type == "cuda" else "gloo")
-        if backend == "nccl" and device.type != "cuda":
-            raise ValueError("distributed.backend=nccl needs CUDA devices; use gloo on CPU")
-        dist.init_process_group(backend=backend)
-    return DistEnv(rank, local_rank, world_size, device)
+        backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+        if backend == "nccl" and dev.type != "cuda":
+            raise ValueError(
+                "distributed.backend=nccl needs CUDA devices; use distributed.backend=gloo on CPU"
+            )
+        dist.init_process_group(
+            backend=backend,
+            timeout=PROCESS_GROUP_TIMEOUT,
+            device_id=dev if backend == "nccl" else None,
+        )
+    return DistEnv(rank, local_rank, world_size, dev)
 
 
 def cleanup_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read afterwards times it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
@@ -75,38 +108,142 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-def all_reduce_sparse_grads_(params: list[nn.Parameter]) -> None:
-    """Average row-sparse gradients over ranks, in place, on any backend.
+# torch 2.13 renamed DDP's per-forward buffer broadcast; GPU nodes often carry an older build.
+_SYNC_BUFFERS = next(
+    name
+    for name in ("forward_sync_buffers", "broadcast_buffers")
+    if name in inspect.signature(DDP).parameters
+)
 
-    NCCL has no sparse all-reduce, so DDP cannot sync these gradients there; this gathers each
-    rank's (row indices, row values), padded to the longest, and sums them: communication
-    scales with the rows touched, not with the table.
+
+def wrap_ddp(
+    model: nn.Module,
+    sparse_params: list[nn.Parameter],
+    device: torch.device,
+    *,
+    broadcast_buffers: bool,
+) -> DDP:
+    """DDP for the dense parameters; ``sparse_params`` are left out (``SparseGrads`` syncs them:
+    NCCL cannot all-reduce sparse tensors). Gradients live in DDP's buckets (no second copy);
+    ``broadcast_buffers=False`` when the query BatchNorms sync their statistics themselves."""
+    sparse_ids = {id(p) for p in sparse_params}
+    ignored = [n for n, p in model.named_parameters() if id(p) in sparse_ids]
+    DDP._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    return DDP(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        gradient_as_bucket_view=True,
+        **{_SYNC_BUFFERS: broadcast_buffers},
+    )
+
+
+class SparseGrads:
+    """The row-sparse gradients of the value tables: bounded accumulation, averaging over ranks.
+
+    Averaging picks, per step and table, the cheaper of two collectives into ONE flat buffer that
+    persists across steps (grown only when needed, at most about the table's size):
+    - gather: each rank's touched rows (ids, values), padded to the longest rank, collected with
+      one ``all_gather_into_tensor``: moves world x longest rows, scales with the rows touched;
+    - dense: the rows scattered into a zero table with a "touched" column, one ``all_reduce``:
+      moves the table, whatever the number of ranks.
+    Dense is chosen once world x longest >= ``dense_fraction`` x table rows (in training nearly
+    every row is touched; the gather would then move and hold world x the table). Both give the
+    union of the touched rows with their averaged values, so the lazy optimizer sees the same
+    gradient either way.
     """
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    world = dist.get_world_size()
-    for p in params:
-        if p.grad is None:
-            raise RuntimeError("a sparse-gradient parameter got no gradient this step")
-        rows, values = sparse_rows(p.grad)  # the layer's rows are unique: no coalesce()
-        counts = torch.zeros(world, dtype=torch.long, device=values.device)
-        counts[dist.get_rank()] = rows.numel()
+
+    def __init__(self, params: list[nn.Parameter], dense_fraction: float = 1.0) -> None:
+        self.params = params
+        self.dense_fraction = dense_fraction
+        self._buffers: dict[nn.Parameter, torch.Tensor] = {}
+
+    def compact_(self) -> None:
+        """Sum duplicate rows of accumulated gradients (CUDA's sparse add concatenates them), so
+        micro-steps cannot grow a gradient beyond the rows touched."""
+        for p in self.params:
+            if p.grad is not None:
+                rows, values = sparse_rows(p.grad)
+                p.grad = _row_sparse(rows, values, p.shape)
+
+    def all_reduce_(self) -> list[str]:
+        """Average the gradients over ranks in place; returns the branch each table took."""
+        if not (dist.is_initialized() and dist.get_world_size() > 1) or not self.params:
+            return []
+        world, rank = dist.get_world_size(), dist.get_rank()
+        grads = []
+        for p in self.params:
+            if p.grad is None:
+                raise RuntimeError("a sparse-gradient parameter got no gradient this step")
+            grads.append(sparse_rows(p.grad))
+        device = grads[0][1].device
+        counts = torch.zeros(world, len(grads), dtype=torch.long, device=device)
+        counts[rank] = torch.tensor([rows.numel() for rows, _ in grads])
         dist.all_reduce(counts)
-        longest = int(counts.max())
-        pad = longest - rows.numel()
-        rows = F.pad(rows, (0, pad))
-        values = F.pad(values, (0, 0, 0, pad))
-        all_rows = [torch.empty_like(rows) for _ in range(world)]
-        all_values = [torch.empty_like(values) for _ in range(world)]
-        dist.all_gather(all_rows, rows)
-        dist.all_gather(all_values, values)
-        keep = [slice(0, int(n)) for n in counts]
-        rows = torch.cat([r[k] for r, k in zip(all_rows, keep, strict=True)])
-        values = torch.cat([v[k] for v, k in zip(all_values, keep, strict=True)])
-        # rows come from coalesced gradients of this very shape: no need to re-check them
-        summed = torch.sparse_coo_tensor(rows[None], values, p.shape, check_invariants=False)
-        summed = summed.coalesce()
-        p.grad = summed / world
+        counts = counts.tolist()  # the one host sync: buffer sizes depend on it
+        branches = []
+        for j, (p, (rows, values)) in enumerate(zip(self.params, grads, strict=True)):
+            longest = max(c[j] for c in counts)
+            if world * longest >= self.dense_fraction * p.shape[0]:
+                union, summed = self._dense(p, rows, values)
+                branches.append("dense")
+            else:
+                padded = any(c[j] < longest for c in counts)
+                union, summed = self._gather(p, rows, values, longest, padded)
+                branches.append("gather")
+            p.grad = _row_sparse(union, summed.div_(world), p.shape)
+        return branches
+
+    def _buffer(self, p: nn.Parameter, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self._buffers.get(p)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self._buffers[p] = torch.empty(numel, dtype=dtype, device=p.device)
+        return buf[:numel]
+
+    def _dense(self, p, rows, values):
+        n_rows, width = p.shape[0], values.shape[1]
+        table = self._buffer(p, n_rows * (width + 1), values.dtype).view(n_rows, width + 1)
+        table.zero_()
+        table[:, :width].index_copy_(0, rows, values)
+        table[:, width].index_fill_(0, rows, 1.0)  # how many ranks touched each row
+        dist.all_reduce(table)
+        union = table[:, width].nonzero().squeeze(1)
+        return union, table[:, :width].index_select(0, union)
+
+    def _gather(self, p, rows, values, longest: int, padded: bool):
+        """Each rank's chunk: ``longest`` row ids (integer bits in the float buffer: exact for any
+        table size), then ``longest`` value rows; padding rows are zeros at id = table rows."""
+        world, width, n_rows = dist.get_world_size(), values.shape[1], p.shape[0]
+        chunk = longest * (width + 1)
+        buf = self._buffer(p, (world + 1) * chunk, values.dtype)
+        local, flat_out = buf[:chunk], buf[chunk:]
+        ids = local[:longest].view(_ID_DTYPES[values.element_size()])
+        ids.fill_(n_rows)
+        ids[: rows.numel()] = rows
+        local_values = local[longest:].view(longest, width)
+        local_values[: rows.numel()] = values
+        local_values[rows.numel() :] = 0
+        _all_gather_flat(flat_out, local)
+        out = flat_out.view(world, chunk)
+        all_ids = out[:, :longest].view(ids.dtype).reshape(-1).long()
+        union, where = torch.unique(all_ids, sorted=True, return_inverse=True)
+        summed = values.new_zeros(union.numel(), width)
+        where = where.view(world, longest)
+        for r in range(world):  # rank by rank: no (world x longest x width) copy
+            summed.index_add_(0, where[r], out[r, longest:].view(longest, width))
+        if padded:  # the padding id sorts last
+            union, summed = union[:-1], summed[:-1]
+        return union, summed
+
+
+_ID_DTYPES = {4: torch.int32, 8: torch.int64}  # row ids stored in the values' bits
+# torch 2.13 renamed all_gather_into_tensor; GPU nodes often carry an older build.
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _row_sparse(rows: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
+    return torch.sparse_coo_tensor(
+        rows[None], values, shape, is_coalesced=True, check_invariants=False
+    )
 
 
 class _AllReduceSum(torch.autograd.Function):

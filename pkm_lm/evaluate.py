@@ -8,10 +8,8 @@ prints the result and appends an ``{"kind": "eval", ...}`` record to ``run_dir/m
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from pathlib import Path
 
 import hydra
 import torch
@@ -19,37 +17,21 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from pkm_lm.checkpoint import latest_checkpoint, load_checkpoint
-from pkm_lm.config import EvaluateConfig, TrainConfig, register_configs
+from pkm_lm.checkpoint import load_run, read_run_config
+from pkm_lm.config import EvaluateConfig, register_configs
 from pkm_lm.data import eval_batches, open_split
-from pkm_lm.distributed import DistEnv, all_reduce_sum, cleanup_distributed, init_distributed
-from pkm_lm.memory import MemoryStats
-from pkm_lm.metrics import MetricLogger, format_eval_line, safe_ppl
-from pkm_lm.model import TransformerLM, build_model
+from pkm_lm.distributed import (
+    DistEnv,
+    all_reduce_sum,
+    cleanup_distributed,
+    init_distributed,
+    synchronize,
+)
+from pkm_lm.metrics import MetricLogger, format_eval_line, memory_stats, safe_ppl
+from pkm_lm.model import TransformerLM
+from pkm_lm.precision import autocast
 
 register_configs()
-
-_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def autocast(device: torch.device, precision: str):
-    """Mixed-precision context for ``train.precision`` (fp32: no autocast)."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=_DTYPES[precision])
-
-
-def attach_memory_stats(model: TransformerLM) -> dict[int, MemoryStats]:
-    """Give every memory a fresh accumulator (its forward then records reads); 1-based keys."""
-    stats = {}
-    for layer, mem in model.memories.items():
-        stats[layer] = mem.stats = MemoryStats(mem.config.n_slots, device=mem.values.weight.device)
-    return stats
-
-
-def detach_memory_stats(model: TransformerLM) -> None:
-    for mem in model.memories.values():
-        mem.stats = None
 
 
 @torch.no_grad()
@@ -65,33 +47,34 @@ def evaluate_split(
     """One pass over ``tokens`` split across ranks: loss, ppl, tokens/s and memory metrics."""
     was_training = model.training
     model.eval()
-    stats = attach_memory_stats(model)
     loss_sum = torch.zeros(2, dtype=torch.float64, device=env.device)  # [sum loss, n targets]
     # Speed is timed from the second batch on: the first pays one-off allocation costs.
     timed_tokens, start = 0, None
     n_batches = math.ceil(max(len(tokens) - 1, 0) / seq_len / batch_size)
     batches = eval_batches(tokens, seq_len, batch_size, env.rank, env.world_size)
     show = None if env.is_main else True
-    for batch in tqdm(
-        batches, desc=desc, total=n_batches // env.world_size, leave=False, disable=show
-    ):
-        batch = batch.to(env.device, non_blocking=True)
-        x, y = batch[:, :-1], batch[:, 1:]
-        with autocast(env.device, precision):
-            logits = model(x)
-        loss_sum[0] += F.cross_entropy(
-            logits.float().flatten(0, 1), y.flatten(), reduction="sum"
-        ).double()
-        loss_sum[1] += y.numel()
-        if start is None:
-            start = time.perf_counter()
-        else:
-            timed_tokens += y.numel()
-    elapsed = time.perf_counter() - start if start is not None else 0.0
+    with memory_stats(model) as stats:
+        for batch in tqdm(
+            batches, desc=desc, total=n_batches // env.world_size, leave=False, disable=show
+        ):
+            batch = batch.to(env.device, non_blocking=True)
+            x, y = batch[:, :-1], batch[:, 1:]
+            with autocast(env.device, precision):
+                logits = model(x)
+            loss_sum[0] += F.cross_entropy(
+                logits.float().flatten(0, 1), y.flatten(), reduction="sum"
+            ).double()
+            loss_sum[1] += y.numel()
+            if start is None:
+                synchronize(env.device)  # the clock starts when the first batch is done
+                start = time.perf_counter()
+            else:
+                timed_tokens += y.numel()
+        synchronize(env.device)
+        elapsed = time.perf_counter() - start if start is not None else 0.0
     speed = torch.tensor([timed_tokens, elapsed], dtype=torch.float64, device=env.device)
     all_reduce_sum(loss_sum)
     all_reduce_sum(speed)
-    detach_memory_stats(model)
     memory = {}
     for layer, s in stats.items():
         s.all_reduce()
@@ -108,27 +91,11 @@ def evaluate_split(
     }
 
 
-def load_run(run_dir: str | Path, device: torch.device, checkpoint: str | None = None):
-    """The trained model of ``run_dir`` (its config.yaml and newest checkpoint) and its config."""
-    run_dir = Path(run_dir)
-    cfg_path = run_dir / "config.yaml"
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found: is run_dir={run_dir} a training run?")
-    schema = OmegaConf.structured(TrainConfig)
-    cfg: TrainConfig = OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(cfg_path)))
-    ckpt_path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
-    if ckpt_path is None:
-        raise FileNotFoundError(f"no complete checkpoint in {run_dir / 'checkpoints'}")
-    state = load_checkpoint(ckpt_path, map_location=device)
-    model = build_model(cfg.model, device)
-    model.load_state_dict(state["model"])
-    return model, cfg, state
-
-
 @hydra.main(version_base=None, config_path="../configs", config_name="evaluate")
 def main(dcfg: DictConfig) -> None:
     ecfg: EvaluateConfig = OmegaConf.to_object(dcfg)
-    env = init_distributed()
+    run_cfg = read_run_config(ecfg.run_dir)
+    env = init_distributed(device=ecfg.device or run_cfg.train.device)
     try:
         model, cfg, state = load_run(ecfg.run_dir, env.device, ecfg.checkpoint)
         tokens = open_split(cfg.data.dir, ecfg.split)

@@ -12,11 +12,12 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pkm_lm.checkpoint import load_run, read_run_config
 from pkm_lm.config import GenerateConfig, register_configs
 from pkm_lm.data import Vocabulary
-from pkm_lm.distributed import init_distributed
-from pkm_lm.evaluate import autocast, load_run
+from pkm_lm.distributed import resolve_device
 from pkm_lm.model import TransformerLM
+from pkm_lm.precision import autocast
 
 register_configs()
 
@@ -49,12 +50,12 @@ def sample(
 @hydra.main(version_base=None, config_path="../configs", config_name="generate")
 def main(dcfg: DictConfig) -> None:
     gcfg: GenerateConfig = OmegaConf.to_object(dcfg)
-    env = init_distributed()
-    model, cfg, _ = load_run(gcfg.run_dir, env.device, gcfg.checkpoint)
+    device = resolve_device(gcfg.device or read_run_config(gcfg.run_dir).train.device)
+    model, cfg, _ = load_run(gcfg.run_dir, device, gcfg.checkpoint)
     vocab = Vocabulary.load(cfg.data.dir)
     prompt_ids = [vocab.eos_index] + vocab.encode(gcfg.prompt)
-    context = torch.tensor([prompt_ids] * gcfg.num_samples, device=env.device)
-    generator = torch.Generator(device=env.device).manual_seed(gcfg.seed)
+    context = torch.tensor([prompt_ids] * gcfg.num_samples, device=device)
+    generator = torch.Generator(device=device).manual_seed(gcfg.seed)
     out = sample(
         model,
         context,

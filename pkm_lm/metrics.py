@@ -3,12 +3,17 @@ console line, optionally wandb, and a loss-curve plot at the end. Only rank 0 bu
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from torch import nn
+
 from pkm_lm.atomic import atomic_write_text, save_figure
+from pkm_lm.memory import MemoryStats
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -27,6 +32,25 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
     if path.is_file():
         kept = [r for r in read_metrics(run_dir) if r.get("step", 0) <= step]
         atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+
+
+@contextlib.contextmanager
+def memory_stats(model: nn.Module) -> Iterator[dict[int, MemoryStats]]:
+    """Fresh usage/KL accumulators on every memory of ``model`` (keyed by 1-based layer) while
+    the block runs; the accumulators they replaced come back afterwards, so an evaluation inside
+    training leaves the training usage gathered since the last log intact."""
+    saved = {layer: mem.stats for layer, mem in model.memories.items()}
+    stats = {
+        layer: MemoryStats(mem.config.n_slots, device=mem.values.weight.device)
+        for layer, mem in model.memories.items()
+    }
+    for layer, mem in model.memories.items():
+        mem.stats = stats[layer]
+    try:
+        yield stats
+    finally:
+        for layer, mem in model.memories.items():
+            mem.stats = saved[layer]
 
 
 def format_duration(seconds: float) -> str:

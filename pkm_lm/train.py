@@ -21,7 +21,7 @@ register_configs()
 @hydra.main(version_base=None, config_path="../configs", config_name="train")
 def main(dcfg: DictConfig) -> None:
     cfg = to_train_config(dcfg)  # validates every field before any work
-    env = init_distributed(cfg.distributed.backend)
+    env = init_distributed(cfg.distributed.backend, cfg.train.device)
     try:
         Trainer(cfg, env).fit()
     finally:

@@ -1,17 +1,11 @@
-"""The Transformer LM: memory placement, causality, meta-device build, synced BatchNorm."""
+"""The Transformer LM: memory placement, causality, meta-device build."""
 
 from __future__ import annotations
 
-import os
-import socket
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pkm_lm.config import ModelConfig
-from pkm_lm.distributed import SyncedBatchNorm1d, all_reduce_sparse_grads_
 from pkm_lm.memory import ProductKeyMemory
 from pkm_lm.model import FeedForward, build_model
 
@@ -116,74 +110,3 @@ def test_too_long_input_is_rejected():
     model = build_model(tiny())
     with pytest.raises(ValueError, match="model.max_seq_len=16"):
         model(torch.zeros(1, 17, dtype=torch.long))
-
-
-def _synced_bn_worker(rank: int, port: int, x: torch.Tensor, w: torch.Tensor, out) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    bn = SyncedBatchNorm1d(x.shape[1])
-    xr = x[rank * 3 : rank * 3 + 3].clone().requires_grad_()
-    (bn(xr) * w[rank * 3 : rank * 3 + 3]).sum().backward()
-    # numpy, not tensors: torch would share their memory with a process that is about to exit
-    tensors = (xr.grad, bn.weight.grad, bn.running_mean, bn.running_var)
-    out.put((rank, *(t.detach().numpy() for t in tensors)))
-    dist.destroy_process_group()
-
-
-def test_synced_batchnorm_over_two_ranks_equals_batchnorm_on_the_union():
-    x, w = torch.randn(6, 5), torch.randn(6, 5)
-    ref = torch.nn.BatchNorm1d(5)
-    xg = x.clone().requires_grad_()
-    (ref(xg) * w).sum().backward()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_synced_bn_worker, args=(port, x, w, out), nprocs=2, start_method="spawn")
-    results = sorted([out.get(), out.get()], key=lambda r: r[0])
-    results = [[r[0], *(torch.from_numpy(a) for a in r[1:])] for r in results]
-    grad_x = torch.cat([r[1] for r in results])
-    assert torch.allclose(grad_x, xg.grad, atol=1e-5)
-    # Each rank's affine gradient is its share; DDP sums them (and divides by 2 for the mean).
-    assert torch.allclose(results[0][2] + results[1][2], ref.weight.grad, atol=1e-5)
-    for r in results:
-        assert torch.allclose(r[3], ref.running_mean, atol=1e-6)
-        assert torch.allclose(r[4], ref.running_var, atol=1e-6)
-
-
-def test_synced_batchnorm_is_plain_batchnorm_in_one_process():
-    bn = torch.nn.BatchNorm1d(4)
-    synced = SyncedBatchNorm1d.from_batchnorm(bn)
-    x = torch.randn(8, 4)
-    assert torch.allclose(bn(x), synced(x))
-    assert synced.state_dict().keys() == bn.state_dict().keys()
-
-
-def _sparse_grads_worker(rank: int, port: int, out) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    p = torch.nn.Parameter(torch.zeros(8, 3))
-    rows = [[1, 3], [3, 5, 7, 7]][rank]  # uneven and uncoalesced on rank 1
-    p.grad = torch.sparse_coo_tensor([rows], torch.ones(len(rows), 3) * (rank + 1), (8, 3))
-    all_reduce_sparse_grads_([p])
-    out.put((rank, p.grad.is_sparse, p.grad.to_dense().numpy()))
-    dist.destroy_process_group()
-
-
-def test_sparse_gradients_are_averaged_over_ranks_with_uneven_rows():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out = mp.get_context("spawn").SimpleQueue()
-    mp.start_processes(_sparse_grads_worker, args=(port, out), nprocs=2, start_method="spawn")
-    expected = torch.zeros(8, 3)
-    expected[[1, 3]] += 1.0
-    expected[3] += 2.0
-    expected[5] += 2.0
-    expected[7] += 4.0
-    for _ in range(2):
-        _, is_sparse, grad = out.get()
-        assert is_sparse
-        assert torch.allclose(torch.from_numpy(grad), expected / 2)

@@ -43,9 +43,10 @@ def data_dir(tmp_path_factory) -> Path:
     return out
 
 
-def tiny_args(data_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+def tiny_args(data_dir: Path, run_dir: Path, *extra: str, device: str = "cpu") -> list[str]:
+    """A tiny model on ``device`` (CPU by default: the comparisons below are bitwise)."""
     return [
-        f"run_dir={run_dir}", f"data.dir={data_dir}", "data.seq_len=16",
+        f"run_dir={run_dir}", f"data.dir={data_dir}", "data.seq_len=16", f"train.device={device}",
         "model.n_layers=2", "model.dim=32", "model.n_heads=2", "model.memory.layers=[2]",
         "model.memory.n_keys=8", "model.memory.heads=2", "model.memory.knn=4",
         "model.memory.k_dim=16", "train.batch_size=8", "optim.warmup_steps=4", *extra,
@@ -232,8 +233,9 @@ def test_cuda_mixed_precision_training_matches_fp32_closely(ids_dir, tmp_path, p
     data_dir = ids_dir  # token ids: GPU nodes often lack fastBPE
     common = ["train.max_steps=5", "train.log_interval=1", "train.eval_interval=5",
               "model.dropout=0", "model.attn_dropout=0"]  # fmt: skip
-    train(*tiny_args(data_dir, tmp_path / "fp32", *common))
-    train(*tiny_args(data_dir, tmp_path / precision, f"train.precision={precision}", *common))
+    train(*tiny_args(data_dir, tmp_path / "fp32", *common, device="cuda"))
+    mixed = tmp_path / precision
+    train(*tiny_args(data_dir, mixed, f"train.precision={precision}", *common, device="cuda"))
     full, mixed = train_losses(tmp_path / "fp32"), train_losses(tmp_path / precision)
     assert len(full) == len(mixed) == 5
     for (_, a), (_, b) in zip(full, mixed, strict=True):

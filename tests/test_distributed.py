@@ -1,0 +1,148 @@
+"""pkm_lm.distributed: device choice, sparse value-gradient averaging (both branches) on 2 gloo
+processes against one process, and the synced query BatchNorm."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pkm_lm.distributed import SparseGrads, SyncedBatchNorm1d, resolve_device
+from pkm_lm.memory.values import value_bag
+
+torch.set_num_threads(1)
+ROWS, WIDTH = 40, 3
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(worker, *args, nprocs: int = 2) -> list:
+    """Run ``worker(rank, port, *args, out)`` on 2 gloo ranks; the results, in rank order."""
+    out = mp.get_context("spawn").SimpleQueue()
+    mp.start_processes(worker, args=(free_port(), *args, out), nprocs=nprocs, start_method="spawn")
+    return [r[1:] for r in sorted((out.get() for _ in range(nprocs)), key=lambda r: r[0])]
+
+
+def reads(rank: int, micro: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s reads of micro-step ``micro``: (tokens, reads) slot ids and weights.
+
+    Rank 1 reads more rows than rank 0 (padding in the gather), the ranks overlap, and some rows
+    are read by nobody."""
+    g = torch.Generator().manual_seed(10 * rank + micro)
+    n_tokens = 3 + 4 * rank
+    return torch.randint(0, ROWS - 8, (n_tokens, 4), generator=g), torch.rand(
+        n_tokens, 4, generator=g
+    )
+
+
+def table() -> torch.nn.Parameter:
+    return torch.nn.Parameter(torch.randn(ROWS, WIDTH, generator=torch.Generator().manual_seed(0)))
+
+
+def backward(p: torch.nn.Parameter, rank: int, micro: int, scale: float = 1.0) -> None:
+    idx, w = reads(rank, micro)
+    out = value_bag(idx, w, p, sparse=True)
+    (out.square().sum() * scale).backward()
+
+
+def _sparse_worker(rank: int, port: int, dense_fraction: float, micros: int, out) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    p = table()
+    grads = SparseGrads([p], dense_fraction)
+    for micro in range(micros):
+        backward(p, rank, micro)
+        if micro > 0:
+            grads.compact_()
+    branches = grads.all_reduce_()
+    out.put((rank, branches, p.grad._indices()[0].tolist(), p.grad.to_dense().numpy()))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("micros", [1, 3], ids=["one-micro-step", "accumulated"])
+@pytest.mark.parametrize(("dense_fraction", "branch"), [(0.0, "dense"), (float("inf"), "gather")])
+def test_both_branches_equal_the_single_process_gradient(dense_fraction, branch, micros):
+    # One process sees both ranks' reads; the mean over ranks is half their sum.
+    ref = table()
+    for rank in range(2):
+        for micro in range(micros):
+            backward(ref, rank, micro, scale=0.5)
+    touched = torch.cat([reads(r, m)[0].reshape(-1) for r in range(2) for m in range(micros)])
+    for branches, rows, grad in spawn(_sparse_worker, dense_fraction, micros):
+        assert branches == [branch]
+        # One row per slot read by any rank, sorted: what the lazy optimizer updates.
+        assert rows == sorted(set(touched.tolist()))
+        assert torch.allclose(torch.from_numpy(grad), ref.grad.to_dense(), atol=1e-6)
+
+
+def test_compact_sums_the_duplicate_rows_of_an_accumulated_gradient():
+    p = torch.nn.Parameter(torch.zeros(6, 2))
+    # CUDA's sparse add concatenates: two micro-steps give rows [1, 4, 1, 2], uncoalesced.
+    p.grad = torch.sparse_coo_tensor(
+        [[1, 4, 1, 2]], torch.ones(4, 2), (6, 2), check_invariants=True
+    )
+    SparseGrads([p]).compact_()
+    assert p.grad._indices()[0].tolist() == [1, 2, 4]
+    assert torch.equal(p.grad.to_dense()[1], torch.full((2,), 2.0))
+
+
+def test_cuda_asked_for_without_cuda_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="train.device=cuda .* use train.device=cpu"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == torch.device("cpu")
+
+
+def test_local_ranks_share_the_visible_gpus(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [resolve_device("auto", r) for r in range(4)] == [
+        torch.device("cuda", i) for i in (0, 1, 0, 1)
+    ]
+    assert resolve_device("cpu", 3) == torch.device("cpu")
+
+
+def _synced_bn_worker(rank: int, port: int, x: torch.Tensor, w: torch.Tensor, out) -> None:
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    bn = SyncedBatchNorm1d(x.shape[1])
+    xr = x[rank * 3 : rank * 3 + 3].clone().requires_grad_()
+    (bn(xr) * w[rank * 3 : rank * 3 + 3]).sum().backward()
+    # numpy, not tensors: torch would share their memory with a process that is about to exit
+    tensors = (xr.grad, bn.weight.grad, bn.running_mean, bn.running_var)
+    out.put((rank, *(t.detach().numpy() for t in tensors)))
+    dist.destroy_process_group()
+
+
+def test_synced_batchnorm_over_two_ranks_equals_batchnorm_on_the_union():
+    x, w = torch.randn(6, 5), torch.randn(6, 5)
+    ref = torch.nn.BatchNorm1d(5)
+    xg = x.clone().requires_grad_()
+    (ref(xg) * w).sum().backward()
+    results = [[None, *(torch.from_numpy(a) for a in r)] for r in spawn(_synced_bn_worker, x, w)]
+    grad_x = torch.cat([r[1] for r in results])
+    assert torch.allclose(grad_x, xg.grad, atol=1e-5)
+    # Each rank's affine gradient is its share; DDP sums them (and divides by 2 for the mean).
+    assert torch.allclose(results[0][2] + results[1][2], ref.weight.grad, atol=1e-5)
+    for r in results:
+        assert torch.allclose(r[3], ref.running_mean, atol=1e-6)
+        assert torch.allclose(r[4], ref.running_var, atol=1e-6)
+
+
+def test_synced_batchnorm_is_plain_batchnorm_in_one_process():
+    bn = torch.nn.BatchNorm1d(4)
+    synced = SyncedBatchNorm1d.from_batchnorm(bn)
+    x = torch.randn(8, 4)
+    assert torch.allclose(bn(x), synced(x))
+    assert synced.state_dict().keys() == bn.state_dict().keys()
