@@ -140,7 +140,7 @@ def wrap_ddp(
 class SparseGrads:
     """The row-sparse gradients of the value tables: bounded accumulation, averaging over ranks.
 
-    Averaging picks, per step and table, the cheaper of two collectives into ONE flat buffer that
+    Averaging picks, per step and table, the cheaper of two collectives into one flat buffer that
     persists across steps (grown only when needed, at most about the table's size):
     - gather: each rank's touched rows (ids, values), padded to the longest rank, collected with
       one ``all_gather_into_tensor``: moves world x longest rows, scales with the rows touched;

@@ -1,4 +1,5 @@
-"""Trainer pieces in-process: schedule, optimiser split, checkpoint files, metrics file."""
+"""Trainer pieces in-process: schedule, optimiser split, checkpoint files, metrics file,
+memory statistics, and one training step."""
 
 from __future__ import annotations
 
@@ -14,11 +15,13 @@ from pkm_lm.checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from pkm_lm.config import ModelConfig, OptimConfig
+from pkm_lm.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, TrainLoopConfig
+from pkm_lm.distributed import DistEnv
 from pkm_lm.memory import LazyAdam
-from pkm_lm.metrics import plot_loss, read_metrics, truncate_metrics
+from pkm_lm.metrics import memory_stats, plot_loss, read_metrics, truncate_metrics
 from pkm_lm.model import build_model
 from pkm_lm.optim import build_optimizers, inverse_sqrt
+from pkm_lm.trainer import Trainer
 
 
 def test_inverse_sqrt_warms_up_linearly_then_decays():
@@ -80,3 +83,52 @@ def test_truncate_metrics_and_plot(tmp_path):
     truncate_metrics(tmp_path, 2)
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 2]
     assert plot_loss(tmp_path).stat().st_size > 0
+
+
+def test_memory_stats_restores_the_accumulators_it_replaced():
+    model = model_with_memory(sparse=True)
+    x = torch.randint(0, 20, (2, 8))
+    with memory_stats(model) as outer:
+        model(x)
+        reads = outer[1].counts.sum().item()
+        with memory_stats(model) as inner:  # an evaluation inside training
+            model(x)
+        assert model.memories[1].stats is outer[1]
+        assert outer[1].counts.sum().item() == reads == inner[1].counts.sum().item() > 0
+    assert model.memories[1].stats is None
+
+
+def test_checkpoints_load_on_the_cpu_and_rng_states_restore(tmp_path):
+    state = {"rng": torch.get_rng_state(), "w": torch.arange(3.0)}
+    save_checkpoint(tmp_path, 1, state, {}, keep=1)
+    for mmap in (True, False):
+        loaded = load_checkpoint(latest_checkpoint(tmp_path), mmap=mmap)
+        assert loaded["w"].device.type == "cpu" and torch.equal(loaded["w"], state["w"])
+        torch.set_rng_state(loaded["rng"])  # raises unless a CPU ByteTensor
+
+
+def tiny_trainer(precision: str) -> Trainer:
+    cfg = TrainConfig(
+        data=DataConfig(seq_len=8),
+        model=ModelConfig(n_layers=2, dim=16, n_heads=2, vocab_size=20),
+        train=TrainLoopConfig(batch_size=4, micro_batch_size=2, precision=precision, device="cpu"),
+    )
+    cfg.model.memory.layers, cfg.model.memory.n_keys, cfg.model.memory.k_dim = [1], 4, 8
+    cfg.model.memory.heads, cfg.model.memory.knn = 1, 2
+    return Trainer(cfg, DistEnv(0, 0, 1, torch.device("cpu")), data=False)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_train_step_returns_its_numbers_and_skips_non_finite_gradients(precision):
+    trainer = tiny_trainer(precision)
+    batch = torch.randint(0, 20, (4, 9))
+    result = trainer.train_step(batch)
+    assert result.skipped.item() == 0 and torch.isfinite(result.grad_norm)
+    assert result.loss.dtype == torch.float64 and result.lr > 0
+    with torch.no_grad():
+        trainer.model.pos_emb.weight[0, 0] = float("nan")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    result = trainer.train_step(batch)
+    assert result.skipped.item() == 1
+    for name, p in trainer.model.named_parameters():  # no optimiser moved anything
+        assert torch.allclose(p, before[name], equal_nan=True), name
