@@ -3,9 +3,8 @@ two optimisers, periodic evaluation and atomic checkpoints, exact resumption.
 
 ``Trainer(cfg, env).fit()`` is all ``python -m pkm_lm.train`` does after parsing;
 ``Trainer.train_step`` is the one optimizer step that training and the benchmarks run.
-Outside logging, evaluation and checkpoint steps the loop reads nothing back from the device
-(at most GradScaler's own check, and in fp32/bf16 one finiteness check), so a GPU never waits
-for the host.
+Outside logging, evaluation and checkpoint steps the loop reads one number back from the
+device per optimizer step: whether the gradients are finite.
 """
 
 from __future__ import annotations
@@ -54,25 +53,24 @@ class StepResult:
 
     loss: torch.Tensor  # this rank's mean loss over the step's micro-batches (float64)
     grad_norm: torch.Tensor  # global gradient norm before clipping
-    skipped: torch.Tensor  # 1 if the update was skipped (non-finite gradients), else 0
+    skipped: bool  # the update was skipped (non-finite gradients)
     lr: float  # the network's learning rate this step used
 
 
 class Progress:
-    """Step, skipped steps (counted on the device) and training seconds, saved with the run
-    as top-level checkpoint keys."""
+    """Step, skipped steps and training seconds, saved with the run as top-level checkpoint
+    keys."""
 
-    def __init__(self, device: torch.device) -> None:
-        self.step = 0
-        self.skipped = torch.zeros((), dtype=torch.long, device=device)
+    def __init__(self) -> None:
+        self.step = self.skipped_steps = 0
         self.elapsed_s = 0.0
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "skipped_steps": int(self.skipped), "elapsed_s": self.elapsed_s}
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "elapsed_s": self.elapsed_s}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.step, self.elapsed_s = sd["step"], sd["elapsed_s"]
-        self.skipped.fill_(sd["skipped_steps"])
+        self.step, self.skipped_steps = sd["step"], sd["skipped_steps"]
+        self.elapsed_s = sd["elapsed_s"]
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -106,7 +104,7 @@ class Trainer:
             sync_query_batchnorms(self.model.memories)
         self.optim = build_optimizers(self.model, self.model.value_parameters(), cfg.optim)
         self.scaler = grad_scaler(env.device, t.precision)
-        self.progress = Progress(env.device)
+        self.progress = Progress()
         self.stream = self.valid_tokens = None
         if data:
             self.stream = TokenStream(
@@ -218,7 +216,7 @@ class Trainer:
                 result = self.train_step(self.stream.next_batch())
                 loss_acc[0] += result.loss
                 loss_acc[1] += 1
-                self.progress.skipped += result.skipped
+                self.progress.skipped_steps += result.skipped
                 self.progress.step += 1
                 interval_steps += 1
                 bar.update(1)
@@ -294,13 +292,14 @@ class Trainer:
         for opt in self.optim.all:
             self.scaler.unscale_(opt)
         grad_norm = clip_gradients(self.params, self.cfg.optim.clip_norm)
-        skipped = (~torch.isfinite(grad_norm)).long()
-        # fp16: GradScaler skips the update of an optimizer whose gradients overflowed, with no
-        # host round trip for fused optimizers. fp32/bf16 do not overflow: a non-finite norm
-        # there means divergence, and one check keeps the weights finite.
-        if self.scaler.is_enabled() or not skipped.item():
+        # The step's one host read: every optimizer takes or skips the step together (an fp16
+        # overflow in one table's gradients skips all; in fp32/bf16 a non-finite norm means
+        # divergence). The gradients are unscaled already, so the optimizers step directly;
+        # GradScaler.update backs off the scale from the infs its unscale_ found.
+        skipped = not bool(torch.isfinite(grad_norm))
+        if not skipped:
             for opt in self.optim.all:
-                self.scaler.step(opt)
+                opt.step()
         self.scaler.update()
         lr = self.optim.base.param_groups[0]["lr"]  # the lr this step used
         self.optim.schedule.step()
@@ -328,7 +327,7 @@ class Trainer:
             "lr": last.lr,
             "tokens_per_s": tokens_per_s,
             "grad_norm": last.grad_norm.item(),
-            "skipped_steps": int(self.progress.skipped),
+            "skipped_steps": self.progress.skipped_steps,
             "elapsed_s": self.progress.elapsed_s,
             "memory_usage": usage,
         }

@@ -123,12 +123,12 @@ def test_train_step_returns_its_numbers_and_skips_non_finite_gradients(precision
     trainer = tiny_trainer(precision)
     batch = torch.randint(0, 20, (4, 9))
     result = trainer.train_step(batch)
-    assert result.skipped.item() == 0 and torch.isfinite(result.grad_norm)
+    assert not result.skipped and torch.isfinite(result.grad_norm)
     assert result.loss.dtype == torch.float64 and result.lr > 0
     with torch.no_grad():
         trainer.model.pos_emb.weight[0, 0] = float("nan")
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     result = trainer.train_step(batch)
-    assert result.skipped.item() == 1
+    assert result.skipped
     for name, p in trainer.model.named_parameters():  # no optimiser moved anything
         assert torch.allclose(p, before[name], equal_nan=True), name
