@@ -62,7 +62,9 @@ def format_train_line(rec: dict, max_steps: int, eta_s: float, usage: str = "") 
     return (
         f"step {rec['step']:>7d}/{max_steps} | loss {rec['loss']:.4f} | ppl {rec['ppl']:9.2f} | "
         f"lr {rec['lr']:.2e} | tok/s {rec['tokens_per_s']:9.0f} | gnorm {rec['grad_norm']:.3f} | "
-        f"skipped {rec['skipped_steps']} | eta {format_duration(eta_s)}" + usage
+        f"skipped {rec['skipped_steps']} | eta {format_duration(eta_s)}"
+        + (f" | gpu peak {rec['gpu_peak_gib']:.1f} GiB" if "gpu_peak_gib" in rec else "")
+        + usage
     )
 
 

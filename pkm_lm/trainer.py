@@ -331,6 +331,8 @@ class Trainer:
             "elapsed_s": self.progress.elapsed_s,
             "memory_usage": usage,
         }
+        if self.env.device.type == "cuda":  # the peak since start: what a batch size is sized by
+            record["gpu_peak_gib"] = torch.cuda.max_memory_allocated(self.env.device) / 2**30
         eta = (t.max_steps - self.step) * seconds / max(steps, 1)
         mem = "".join(f" | mem{k} usage {u:.1f}%" for k, u in usage.items())
         self.logger.log(record, format_train_line(record, t.max_steps, eta, mem))

@@ -81,13 +81,14 @@ def test_layer_on_cuda_matches_cpu_output_and_every_gradient(exact_fp32, sparse_
     torch.testing.assert_close(out_gpu.cpu(), out_cpu, rtol=1e-4, atol=1e-5)
     params = dict(gpu.named_parameters())
     assert len(params) >= 5
+    # The query net's last bias feeds the BatchNorm, which removes it: its gradient is zero up to
+    # rounding, so tolerances scale with the largest gradient of the layer, not of each tensor.
+    scale = max(dense(p.grad).abs().max().item() for p in cpu.parameters())
     for name, p in cpu.named_parameters():
         assert p.grad is not None and params[name].grad is not None, name
         assert params[name].grad.is_sparse == p.grad.is_sparse, name
-        expected = dense(p.grad)
-        tol = 1e-5 * expected.abs().max().item()
         torch.testing.assert_close(
-            dense(params[name].grad).cpu(), expected, rtol=1e-4, atol=tol, msg=name
+            dense(params[name].grad).cpu(), dense(p.grad), rtol=1e-4, atol=1e-6 * scale, msg=name
         )
     for name, buf in cpu.named_buffers():  # BatchNorm running statistics
         torch.testing.assert_close(dict(gpu.named_buffers())[name].cpu(), buf, msg=name)
@@ -113,7 +114,7 @@ def test_product_key_selection_on_cuda_is_the_exhaustive_top_k(n_keys, knn):
     torch.testing.assert_close(scores.double(), ref_scores[..., :knn], rtol=0, atol=1e-4)
     # Rows whose k-th and (k+1)-th best keys are not near-tied must select the same set.
     clear = ref_scores[..., knn - 1] - ref_scores[..., knn] > 1e-4
-    assert clear.float().mean() > 0.98
+    assert clear.float().mean() > 0.9  # near-ties are data, not errors
     ours = indices.sort(-1).values[clear]
     assert torch.equal(ours, ref_indices[..., :knn].sort(-1).values[clear])
 
@@ -129,7 +130,7 @@ def test_flat_key_selection_on_cuda_is_the_exhaustive_top_k():
         ref_scores, ref_indices = every.topk(33, dim=-1)
     torch.testing.assert_close(scores.double(), ref_scores[..., :32], rtol=0, atol=1e-4)
     clear = ref_scores[..., 31] - ref_scores[..., 32] > 1e-4
-    assert clear.float().mean() > 0.98
+    assert clear.float().mean() > 0.9  # near-ties are data, not errors
     ours = indices.sort(-1).values[clear]
     assert torch.equal(ours, ref_indices[..., :32].sort(-1).values[clear])
 

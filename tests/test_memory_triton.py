@@ -124,7 +124,7 @@ def test_sub_key_gradients_equal_torch_path(n_keys, heads, knn, k_dim, n, device
     grads = {}
     for kernel in ("torch", "triton"):
         q, k = query.clone().requires_grad_(), sub_keys.clone().requires_grad_()
-        scores, indices = product_topk(q, k, knn, candidate_pairs(knn), kernel)
+        scores, indices = product_topk(q, k, knn, candidate_pairs(knn).to(device), kernel)
         grads[kernel] = (indices, *torch.autograd.grad(scores, (q, k), torch.cos(scores)))
     assert torch.equal(grads["triton"][0], grads["torch"][0])
     torch.testing.assert_close(grads["triton"][1:], grads["torch"][1:])
