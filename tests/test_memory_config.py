@@ -3,8 +3,9 @@
 import importlib.util
 
 import pytest
+import torch
 
-from pkm_lm.memory import MemoryConfig
+from pkm_lm.memory import LazyAdam, MemoryConfig, config
 
 
 @pytest.mark.parametrize(
@@ -21,7 +22,7 @@ from pkm_lm.memory import MemoryConfig
         (dict(input_dropout=1.0), "input_dropout", "[0, 1)"),
         (dict(query_dropout=-0.1), "query_dropout", "[0, 1)"),
         (dict(value_dropout=2), "value_dropout", "[0, 1)"),
-        (dict(kernel="cuda"), "kernel", "'torch', 'triton'"),
+        (dict(kernel="cuda"), "kernel", "'torch', 'triton', 'auto'"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field, allowed):
@@ -44,3 +45,23 @@ def test_triton_kernel_without_triton_says_how_to_install(monkeypatch):
     )
     with pytest.raises(ValueError, match=r"memory.kernel='triton' needs .*pip install triton"):
         MemoryConfig(kernel="triton")
+
+
+def test_auto_kernel_is_triton_on_cuda_when_installed(monkeypatch):
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # devices as names: no GPU needed
+    assert config.pick_kernel("auto", cpu) == "torch"
+    assert config.pick_kernel("triton", cpu) == "triton"  # explicit choices are kept
+    monkeypatch.setattr(config, "triton_installed", lambda: True)
+    assert config.pick_kernel("auto", cuda) == "triton"
+    monkeypatch.setattr(config, "triton_installed", lambda: False)
+    assert config.pick_kernel("auto", cuda) == "torch"
+    MemoryConfig(kernel="auto")  # needs no triton
+
+
+def test_lazy_adam_kernel_is_validated(monkeypatch):
+    p = torch.nn.Parameter(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="kernel='cuda' is invalid"):
+        LazyAdam([p], kernel="cuda")
+    monkeypatch.setattr("pkm_lm.memory.optim.triton_installed", lambda: False)
+    with pytest.raises(ValueError, match="pip install triton"):
+        LazyAdam([p], kernel="triton")

@@ -142,7 +142,7 @@ def test_layer_with_triton_kernel_equals_torch_kernel(sparse_grad, device):
     torch.manual_seed(0)
     cfg = dict(n_keys=8, heads=2, knn=4, k_dim=8, v_dim=6, sparse_grad=sparse_grad)
     layers = {}
-    for kernel in ("torch", "triton"):
+    for kernel in ("torch", "triton", "auto"):  # auto: triton on CUDA, torch on CPU
         torch.manual_seed(0)
         layers[kernel] = ProductKeyMemory(10, 12, MemoryConfig(kernel=kernel, **cfg)).to(device)
     x = torch.randn(9, 10, device=device)
@@ -153,10 +153,11 @@ def test_layer_with_triton_kernel_equals_torch_kernel(sparse_grad, device):
         grads[kernel] = {
             name: p.grad.to_dense() for name, p in layer.named_parameters() if p.grad is not None
         }
-    torch.testing.assert_close(outs["triton"], outs["torch"])
-    assert grads["triton"].keys() == grads["torch"].keys()
-    for name, ref in grads["torch"].items():
-        torch.testing.assert_close(grads["triton"][name], ref, msg=name)
+    for kernel in ("triton", "auto"):
+        torch.testing.assert_close(outs[kernel], outs["torch"])
+        assert grads[kernel].keys() == grads["torch"].keys()
+        for name, ref in grads["torch"].items():
+            torch.testing.assert_close(grads[kernel][name], ref, msg=f"{kernel}: {name}")
 
 
 @pytest.mark.parametrize("device", DEVICES)

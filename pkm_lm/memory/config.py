@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 from dataclasses import dataclass
 
 KEY_TYPES = ("product", "flat")
 QUERY_NETS = ("linear", "mlp")
-KERNELS = ("torch", "triton")
+KERNELS = ("torch", "triton", "auto")
+
+
+@functools.cache
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def pick_kernel(kernel: str, device) -> str:
+    """ "torch" or "triton" for tensors on ``device``: "auto" is triton on CUDA if installed."""
+    if kernel != "auto":
+        return kernel
+    return "triton" if device.type == "cuda" and triton_installed() else "torch"
 
 
 def _require(ok: bool, field: str, value, allowed: str) -> None:
@@ -32,7 +45,9 @@ class MemoryConfig:
     value_dropout: float = 0.0  # dropout on the softmax weights of the selected slots
     gated: bool = False  # multiply the output by SiLU(W x), as in "Memory Layers at Scale" (2024)
     sparse_grad: bool = False  # value table gets a row-sparse gradient: use LazyAdam / SparseAdam
-    kernel: str = "torch"  # value read: "torch" (any device) | "triton" (fused kernels, CUDA)
+    # value read and sub-key score backward: "torch" (any device) | "triton" (fused kernels,
+    # CUDA) | "auto" (triton on CUDA when it is installed, torch elsewhere)
+    kernel: str = "torch"
 
     def __post_init__(self) -> None:
         _require(

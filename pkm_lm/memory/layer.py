@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import MemoryConfig
+from .config import MemoryConfig, pick_kernel
 from .select import candidate_pairs, flat_topk, product_topk
 from .stats import MemoryStats
 from .values import value_bag
@@ -82,7 +82,8 @@ class ProductKeyMemory(nn.Module):
         with torch.autocast(query.device.type, enabled=False):
             query, keys = query.to(dtype), keys.to(dtype)
             if self.config.keys == "product":
-                return product_topk(query, keys, self.config.knn, self.pairs, self.config.kernel)
+                kernel = pick_kernel(self.config.kernel, query.device)
+                return product_topk(query, keys, self.config.knn, self.pairs, kernel)
             return flat_topk(query, keys, self.config.knn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -102,7 +103,7 @@ class ProductKeyMemory(nn.Module):
             weights.reshape(n, -1),
             self.values.weight,
             cfg.sparse_grad,
-            cfg.kernel,
+            pick_kernel(cfg.kernel, x.device),
         )  # (N, v_dim), summed over heads and knn
         if self.value_proj is not None:
             out = self.value_proj(out)

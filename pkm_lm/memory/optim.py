@@ -10,6 +10,7 @@ from collections.abc import Iterable
 
 import torch
 
+from .config import KERNELS, pick_kernel, triton_installed
 from .values import touched_rows
 
 
@@ -24,7 +25,8 @@ class LazyAdam(torch.optim.Optimizer):
     gradients get the exact torch.optim.Adam update (no weight decay, no amsgrad).
 
     ``kernel="triton"`` does a sparse step in one fused Triton kernel (CUDA parameters; same
-    update, one read and one write per touched row instead of the torch path's five passes).
+    update, one read and one write per touched row instead of the torch path's five passes);
+    ``"auto"`` uses it for CUDA parameters when triton is installed.
 
     ``row_wise=True`` keeps one second-moment value per row (the mean of g^2 over the row, as
     FBGEMM's partial row-wise Adam) instead of one per element: the optimizer state of a
@@ -48,8 +50,10 @@ class LazyAdam(torch.optim.Optimizer):
                 f"LazyAdam: lr={lr}, betas={tuple(betas)}, eps={eps} are invalid: "
                 "lr >= 0, eps >= 0 and each beta in [0, 1)"
             )
-        if kernel not in ("torch", "triton"):
-            raise ValueError(f"LazyAdam: kernel={kernel!r} is invalid: one of 'torch', 'triton'")
+        if kernel not in KERNELS:
+            raise ValueError(f"LazyAdam: kernel={kernel!r} is invalid: one of {KERNELS}")
+        if kernel == "triton" and not triton_installed():
+            raise ValueError("LazyAdam: kernel='triton' needs triton: `pip install triton`")
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, row_wise=row_wise, kernel=kernel)
         super().__init__(params, defaults)
         # Scratch rows per parameter: kept out of ``state`` so checkpoints do not carry them.
@@ -87,7 +91,7 @@ class LazyAdam(torch.optim.Optimizer):
         bias_correction2_sqrt = (1 - beta2 ** state["step"]) ** 0.5
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         grad, sparse = p.grad, p.grad.is_sparse
-        if sparse and group["kernel"] == "triton":
+        if sparse and pick_kernel(group["kernel"], p.device) == "triton":
             from .triton_adam import lazy_adam_rows_  # imported lazily: triton is optional
 
             rows, grad = sparse_rows(grad)
