@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from pkm_lm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from pkm_lm.data.synthetic import write_zipf_ids
 from pkm_lm.metrics import MetricLogger, read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -218,19 +217,11 @@ def test_wandb_logger_without_wandb_says_how_to_install(tmp_path, monkeypatch):
         MetricLogger(tmp_path, kind="wandb")
 
 
-@pytest.fixture(scope="module")
-def ids_dir(tmp_path_factory) -> Path:
-    """Zipf token ids through the real shard writer: no tokenizer needed."""
-    out = tmp_path_factory.mktemp("ids")
-    write_zipf_ids(out, vocab_size=200, train_tokens=50_000)
-    return out
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
-def test_cuda_mixed_precision_training_matches_fp32_closely(ids_dir, tmp_path, precision):
-    data_dir = ids_dir  # token ids: GPU nodes often lack fastBPE
+def test_cuda_mixed_precision_training_matches_fp32_closely(ids_data, tmp_path, precision):
+    data_dir = ids_data  # token ids: GPU nodes often lack fastBPE
     common = ["train.max_steps=5", "train.log_interval=1", "train.eval_interval=5",
               "model.dropout=0", "model.attn_dropout=0"]  # fmt: skip
     train(*tiny_args(data_dir, tmp_path / "fp32", *common, device="cuda"))
