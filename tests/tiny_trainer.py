@@ -28,10 +28,4 @@ def build_trainer(data: Path, device: str | None, run_dir: Path, *overrides: str
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
         dcfg = compose("train", overrides=tiny_args(data, device, run_dir, *overrides))
     cfg = train.to_train_config(dcfg)
-    env = train.init_distributed(cfg.distributed.backend, *_device(cfg))
-    return train.Trainer(cfg, env)
-
-
-def _device(cfg) -> list[str]:
-    """``train.device`` where the config has it."""
-    return [cfg.train.device] if hasattr(cfg.train, "device") else []
+    return train.Trainer(cfg, train.init_distributed(cfg.distributed.backend, cfg.train.device))
