@@ -37,6 +37,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 from pkm_lm.atomic import atomic_write_text, save_figure  # noqa: E402
 from pkm_lm.config import MemoryPlacementConfig, ModelConfig, OptimConfig  # noqa: E402
+from pkm_lm.experiments import TABLE1, table1_shape  # noqa: E402
 from pkm_lm.model import build_model  # noqa: E402
 from pkm_lm.optim import build_optimizers, clip_gradients  # noqa: E402
 
@@ -46,11 +47,6 @@ MEMORY = dict(heads=4, knn=32, k_dim=128)  # the paper's H and k; d_q = dim as 5
 PRODUCT_SIZES = (64, 128, 256, 512, 1024)  # n_keys: |K| = 4k, 16k, 65k, 262k, 1M
 # Flat keys score every slot: 262k took ~15 s per training step here, so they stop at 65k.
 FLAT_SIZES = (64, 128, 256)
-TABLE1 = [
-    (12, 0, False), (12, 1, False), (12, 2, False), (12, 3, False), (16, 0, False),
-    (16, 1, False), (16, 2, False), (24, 0, False), (24, 1, False), (12, 0, True),
-    (12, 1, True), (16, 0, True), (16, 1, True), (24, 0, True),
-]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -92,15 +88,12 @@ def memsize_variants() -> list[Variant]:
 
 
 def table1_variants() -> list[Variant]:
-    return [
-        Variant(
-            f"{layers}L_{mems}mem" + ("_1600d" if wide else ""),
-            layers,
-            WIDE_DIM if wide else BASE_DIM,
-            memory_count=mems,
-        )
-        for layers, mems, wide in TABLE1
-    ]
+    """The Table 1 cells of the experiment registry, at this study's widths."""
+    variants = []
+    for name in TABLE1:
+        layers, mems, wide = table1_shape(name)
+        variants.append(Variant(name, layers, WIDE_DIM if wide else BASE_DIM, memory_count=mems))
+    return variants
 
 
 def timed(fn, min_seconds: float, max_iters: int) -> float:

@@ -16,71 +16,43 @@ Runs that have not finished (no test evaluation) are listed as missing, never si
 from __future__ import annotations
 
 import argparse
-import re
+import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
-import yaml
+from omegaconf import OmegaConf
 
 from pkm_lm.atomic import atomic_write_text, save_figure
-from pkm_lm.config import spread_evenly
+from pkm_lm.config import ModelConfig, TrainConfig
+from pkm_lm.experiments import (
+    GROUPS,
+    PAPER_TABLE1,
+    SCALES,
+    experiments,
+    headline_claims,
+    paper_reference,
+    table1_shape,
+)
 from pkm_lm.metrics import read_metrics
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
-GROUPS = ("table1", "memsize", "bn", "position", "heads", "keys", "headline")
-TABLE1_RE = re.compile(r"^(\d+)L_(\d+)mem(_1600d)?$")
-
-# Test perplexity on CC-News, Table 1 of Lample et al. (2019): (layers, memories, dim) -> ppl.
-PAPER_TABLE1 = {
-    (12, 0, 1024): 17.66, (12, 1, 1024): 15.62, (12, 2, 1024): 14.79, (12, 3, 1024): 14.47,
-    (16, 0, 1024): 16.65, (16, 1, 1024): 14.88, (16, 2, 1024): 14.10,
-    (24, 0, 1024): 16.02, (24, 1, 1024): 14.62,
-    (12, 0, 1600): 15.00, (12, 1, 1600): 13.65,
-    (16, 0, 1600): 14.36, (16, 1, 1600): 13.17,
-    (24, 0, 1600): 13.95,
-}  # fmt: skip
-# What the paper found, per group (section 4), printed above our table to read it against.
-FINDINGS = {
-    "table1": "more layers, width and memories all help; 12 layers + 1 memory beat 24 layers "
-    "without memory, at about twice the inference speed; at dim 1600 a memory barely slows inference.",
-    "memsize": "a larger memory helps (16k -> 1M: 22.80 -> 17.98) at nearly constant inference time.",
-    "bn": "query BN matters for large memories (1M: usage 25.8% -> 80.3%, perplexity 19.79 -> "
-    "17.98) and little at 16k/65k, whose usage is already near 100%.",
-    "position": "the middle layers (4 or 5 of 6) are best, the first is worst, the last is poor.",
-    "heads": "equal heads x knn budgets ((1,64), (2,32), (4,16), (8,8)) perform alike; more heads "
-    "or more keys help; 4 x 32 is the chosen trade-off.",
-    "keys": "product keys beat flat keys in speed, usage and perplexity; flat-key time grows with "
-    "|K| while product-key time stays nearly flat (Figure 7).",
-    "headline": "(Table 1) 12 layers + 1 memory beat 24 layers without memory (15.62 vs 16.02) "
-    "and 12 layers (17.66); here L = 2: 2 layers + 1 memory vs 4 layers vs 2 layers.",
-}
-# The ablation numbers the paper states in its text (section 4.5): experiment -> (ppl, usage %).
-PAPER_ABLATION = {
-    "memsize_16k": (22.80, None),
-    "memsize_1M": (17.98, None),
-    "bn_on_1M": (17.98, 80.3),
-    "bn_off_1M": (19.79, 25.8),
-}
+# Two means differ beyond the seed noise when the gap exceeds this many standard errors of the
+# difference, sqrt(s_a^2 / n_a + s_b^2 / n_b) (about a 95% band for normal noise).
+NOISE_SE = 2.0
 
 
 @dataclass
-class Run:
-    """What the tables need from one run directory."""
+class SeedRun:
+    """What the tables need from one run directory (one seed of an experiment)."""
 
-    name: str
-    model: dict
     test: dict | None  # the last eval record on the test split
     valid_ppl: float | None
     train: dict | None  # the last train record
-    memory_layers: list[int] = field(default_factory=list)
     curve: list[tuple[int, float]] = field(default_factory=list)  # (tokens, valid ppl) per eval
-
-    @property
-    def slots(self) -> int:
-        return self.model["memory"]["n_keys"] ** 2 if self.memory_layers else 0
 
     def mem_mean(self, key: str) -> float | None:
         """Mean of one memory metric over the run's memory layers (None without memory)."""
@@ -89,11 +61,54 @@ class Run:
         return sum(values) / len(values) if values else None
 
 
-def read_run(run_dir: Path) -> Run:
-    with open(run_dir / "config.yaml") as f:
-        model = yaml.safe_load(f)["model"]
-    test = train = None
-    valid_ppl = None
+@dataclass
+class Run:
+    """One experiment of a group: its model (read through the config schema) and its seeds."""
+
+    name: str
+    model: ModelConfig
+    seeds: list[SeedRun]
+
+    @property
+    def memory_layers(self) -> list[int]:
+        return self.model.memory_layers
+
+    @property
+    def slots(self) -> int:
+        return self.model.memory.n_slots if self.memory_layers else 0
+
+    @property
+    def done(self) -> list[SeedRun]:
+        """The seeds evaluated on the test split."""
+        return [s for s in self.seeds if s.test is not None]
+
+    @property
+    def test(self) -> dict | None:
+        """The first finished seed's test record (None until one is finished)."""
+        return self.done[0].test if self.done else None
+
+    @property
+    def curve(self) -> list[tuple[int, float]]:
+        """The validation curve, averaged over the seeds at the token counts they all reached."""
+        curves = [dict(s.curve) for s in self.seeds if s.curve]
+        common = sorted(set.intersection(*(set(c) for c in curves))) if curves else []
+        return [(t, statistics.fmean(c[t] for c in curves)) for t in common]
+
+    def mean(self, value) -> float | None:
+        """Mean over the finished seeds of ``value(seed)`` (None when no seed has one)."""
+        values = [v for s in self.done if (v := value(s)) is not None]
+        return statistics.fmean(values) if values else None
+
+    def mem_mean(self, key: str) -> float | None:
+        return self.mean(lambda s: s.mem_mean(key))
+
+    @property
+    def valid_ppl(self) -> float | None:
+        return self.mean(lambda s: s.valid_ppl)
+
+
+def read_seed(run_dir: Path) -> SeedRun:
+    test = train = valid_ppl = None
     curve = []
     for rec in read_metrics(run_dir):
         if rec["kind"] == "train":
@@ -103,25 +118,43 @@ def read_run(run_dir: Path) -> Run:
         elif rec["kind"] == "eval" and rec["split"] == "valid":
             valid_ppl = rec["ppl"]
             curve.append((rec["tokens"], rec["ppl"]))
-    mem = model["memory"]
-    layers = sorted(mem["layers"]) or spread_evenly(model["n_layers"], mem["count"])
-    return Run(run_dir.name, model, test, valid_ppl, train, layers, curve)
+    return SeedRun(test, valid_ppl, train, curve)
 
 
-def in_group(group: str, name: str) -> bool:
-    return bool(TABLE1_RE.match(name)) if group == "table1" else name.startswith(group + "_")
+def read_model(run_dir: Path) -> ModelConfig:
+    """The run's model as the trainer's schema reads it (defaults filled, placement resolved)."""
+    cfg = OmegaConf.merge(
+        OmegaConf.structured(TrainConfig), OmegaConf.load(run_dir / "config.yaml")
+    )
+    return OmegaConf.to_object(cfg).model
 
 
-def collect(group: str, runs_dir: Path) -> list[Run]:
-    """Every run of ``group`` under ``runs_dir`` that has a config and metrics, sorted by name."""
+def is_run(path: Path) -> bool:
+    return (path / "metrics.jsonl").exists() and (path / "config.yaml").exists()
+
+
+def read_experiment(exp_dir: Path) -> Run | None:
+    """An experiment's run: ``exp_dir`` itself (one seed) or its ``seed*/`` folders (sweep.sh
+    --seeds); None when nothing has been trained there yet."""
+    dirs = [exp_dir] if is_run(exp_dir) else sorted(exp_dir.glob("seed*"), key=seed_index)
+    dirs = [d for d in dirs if is_run(d)]
+    if not dirs:
+        return None
+    return Run(exp_dir.name, read_model(dirs[0]), [read_seed(d) for d in dirs])
+
+
+def seed_index(path: Path) -> int:
+    return int(path.name.removeprefix("seed")) if path.name[4:].isdigit() else -1
+
+
+def collect(group: str, runs_dir: Path, scale: str = "tiny") -> list[Run]:
+    """Every run of ``group`` at ``scale`` under ``runs_dir`` that has a config and metrics."""
     if not runs_dir.is_dir():
         raise FileNotFoundError(
             f"--runs {runs_dir}: no such directory (run scripts/sweep.sh first)"
         )
-    dirs = [d for d in sorted(runs_dir.iterdir()) if d.is_dir() and in_group(group, d.name)]
-    runs = [
-        read_run(d) for d in dirs if (d / "metrics.jsonl").exists() and (d / "config.yaml").exists()
-    ]
+    found = (read_experiment(runs_dir / name) for name in experiments(group, scale))
+    runs = [r for r in found if r is not None]
     if not runs:
         raise FileNotFoundError(f"no run of group {group!r} under {runs_dir}")
     return sorted(runs, key=sort_key)
@@ -129,16 +162,16 @@ def collect(group: str, runs_dir: Path) -> list[Run]:
 
 def sort_key(run: Run) -> tuple:
     """Order rows as the paper does: by depth, width, memories, then the ablated setting."""
-    mem = run.model["memory"]
+    mem = run.model.memory
     return (
-        run.model["n_layers"],
-        run.model["dim"],
+        run.model.n_layers,
+        run.model.dim,
         len(run.memory_layers),
-        mem["keys"] != "product",
+        mem.keys != "product",
         run.slots,
-        not mem["query_batchnorm"],
-        mem["heads"] * mem["knn"],
-        mem["heads"],
+        not mem.query_batchnorm,
+        mem.heads * mem.knn,
+        mem.heads,
         run.memory_layers,
     )
 
@@ -155,50 +188,106 @@ def size_label(slots: int) -> str:
 
 
 def ppl(run: Run) -> float | None:
-    return run.test["ppl"] if run.test else None
+    """Mean test perplexity over the finished seeds."""
+    return run.mean(lambda s: s.test["ppl"])
+
+
+def ppl_std(run: Run) -> float | None:
+    """Sample standard deviation of the test perplexity over seeds (None below two seeds)."""
+    values = [s.test["ppl"] for s in run.done]
+    return statistics.stdev(values) if len(values) > 1 else None
+
+
+def fmt_ppl(run: Run) -> str:
+    """'343.67' for one seed, '343.67 +- 2.10 (n=3)' for several."""
+    std = ppl_std(run)
+    if std is None:
+        return fmt(ppl(run))
+    return f"{ppl(run):,.2f} +- {std:,.2f} (n={len(run.done)})"
+
+
+def difference(a: Run, b: Run) -> tuple[float, bool | None]:
+    """(relative gap of a's mean test perplexity to b's, whether it exceeds the seed noise).
+
+    The noise verdict is None while either side has fewer than two seeds (no spread known)."""
+    gap = ppl(a) / ppl(b) - 1
+    sa, sb = ppl_std(a), ppl_std(b)
+    if sa is None or sb is None:
+        return gap, None
+    se = math.sqrt(sa**2 / len(a.done) + sb**2 / len(b.done))
+    return gap, abs(ppl(a) - ppl(b)) > NOISE_SE * se
+
+
+def fmt_gap(a: Run, b: Run) -> str:
+    """'+3.2%', with '(noise)' when the gap is within the seed noise."""
+    gap, beyond = difference(a, b)
+    return f"{gap:+.1%}" + (" (noise)" if beyond is False else "")
 
 
 def infer_speed(run: Run) -> float | None:
-    return run.test["tokens_per_s"] if run.test else None
+    return run.mean(lambda s: s.test["tokens_per_s"])
 
 
 def paper_ppl(run: Run) -> float | None:
-    m = TABLE1_RE.match(run.name)
-    if m:
-        key = (int(m.group(1)), int(m.group(2)), 1600 if m.group(3) else 1024)
-        return PAPER_TABLE1.get(key)
-    return PAPER_ABLATION.get(run.name, (None, None))[0]
+    return paper_reference(run.name)[0]
 
 
 def describe(run: Run) -> str:
     """The setting a run varies, in the paper's words."""
-    mem = run.model["memory"]
+    model, mem = run.model, run.model.memory
     if not run.memory_layers:
-        return f"{run.model['n_layers']} layers, dim {run.model['dim']}, no memory"
+        return f"{model.n_layers} layers, dim {model.dim}, no memory"
     where = ",".join(map(str, run.memory_layers))
     return (
-        f"{run.model['n_layers']}L d{run.model['dim']}, mem@{where}, \\|K\\|={size_label(run.slots)} "
-        f"{mem['keys']}, {mem['heads']}x{mem['knn']}, BN {'on' if mem['query_batchnorm'] else 'off'}"
+        f"{model.n_layers}L d{model.dim}, mem@{where}, \\|K\\|={size_label(run.slots)} "
+        f"{mem.keys}, {mem.heads}x{mem.knn}, BN {'on' if mem.query_batchnorm else 'off'}"
     )
 
 
 def details_table(runs: list[Run]) -> list[str]:
-    """One row per run: our numbers and the paper's."""
+    """One row per experiment: our numbers (means over seeds) and the paper's."""
+    done = [r for r in runs if r.done]
+    best = min(done, key=ppl) if done else None
     lines = [
-        "| run | setting | test ppl | paper ppl | valid ppl | usage % | paper usage % "
+        "| run | setting | test ppl | vs best | paper ppl | valid ppl | usage % | paper usage % "
         "| KL weights | KL counts | infer tok/s | train tok/s | train tokens |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
-        paper_usage = PAPER_ABLATION.get(r.name, (None, None))[1]
-        train_speed = r.train["tokens_per_s"] if r.train else None
-        tokens = r.train["tokens"] if r.train else None
+        train = [s.train for s in r.seeds if s.train]
+        train_speed = statistics.fmean(t["tokens_per_s"] for t in train) if train else None
+        tokens = max((t["tokens"] for t in train), default=None)
+        vs_best = "-" if not r.done or r is best else fmt_gap(r, best)
         lines.append(
-            f"| {r.name} | {describe(r)} | {fmt(ppl(r))} | {fmt(paper_ppl(r))} | {fmt(r.valid_ppl)} "
-            f"| {fmt(r.mem_mean('usage'), 1)} | {fmt(paper_usage, 1)} | {fmt(r.mem_mean('kl_weights'), 3)} "
+            f"| {r.name} | {describe(r)} | {fmt_ppl(r) if r.done else '-'} | {vs_best} "
+            f"| {fmt(paper_ppl(r))} | {fmt(r.valid_ppl)} | {fmt(r.mem_mean('usage'), 1)} "
+            f"| {fmt(paper_reference(r.name)[1], 1)} | {fmt(r.mem_mean('kl_weights'), 3)} "
             f"| {fmt(r.mem_mean('kl_counts'), 3)} | {fmt(infer_speed(r), 0)} | {fmt(train_speed, 0)} "
             f"| {fmt(tokens, 0)} |"
         )
+    return lines
+
+
+def claims_table(runs: list[Run], scale: str) -> list[str]:
+    """The headline's claims, each: both means, the gap, and whether it is beyond the noise."""
+    by_name = {r.name: r for r in runs if r.done}
+    lines = [
+        "| claim | lower | higher | gap | verdict |",
+        "|---|---|---|---|---|",
+    ]
+    for claim, lower, higher in headline_claims(scale):
+        a, b = by_name.get(lower), by_name.get(higher)
+        if a is None or b is None:
+            lines.append(f"| {claim} | - | - | - | not finished |")
+            continue
+        gap, beyond = difference(a, b)
+        if beyond is None:
+            verdict = "holds (one seed: noise unknown)" if gap < 0 else "reversed (one seed)"
+        elif not beyond:
+            verdict = "within the seed noise"
+        else:
+            verdict = "holds" if gap < 0 else "reversed"
+        lines.append(f"| {claim} | {fmt_ppl(a)} | {fmt_ppl(b)} | {gap:+.1%} | {verdict} |")
     return lines
 
 
@@ -206,12 +295,10 @@ def table1_grid(runs: list[Run]) -> list[str]:
     """The paper's Table 1 layout: rows = layers, columns = (dim, memories); 'ours (paper)'."""
     by_key = {}
     for r in runs:
-        m = TABLE1_RE.match(r.name)
-        by_key[(int(m.group(1)), int(m.group(2)), 1600 if m.group(3) else 1024)] = r
+        layers, mems, wide = table1_shape(r.name)
+        by_key[(layers, mems, 1600 if wide else 1024)] = r
     cols = [(1024, n) for n in range(4)] + [(1600, n) for n in range(2)]
-    dims = {
-        d: sorted({r.model["dim"] for k, r in by_key.items() if k[2] == d}) for d in (1024, 1600)
-    }
+    dims = {d: sorted({r.model.dim for k, r in by_key.items() if k[2] == d}) for d in (1024, 1600)}
     head = " | ".join(f"dim {d}, {n} mem" for d, n in cols)
     lines = [
         "Columns name the paper's widths; ours at this scale: "
@@ -228,7 +315,7 @@ def table1_grid(runs: list[Run]) -> list[str]:
             if run is None:
                 ours = "not run" if paper else "-"
             else:
-                ours = fmt(ppl(run)) if run.test else "not finished"
+                ours = fmt_ppl(run) if run.done else "not finished"
             cells.append(ours if paper is None else f"{ours} ({paper:.2f})")
         lines.append(f"| {layers} | " + " | ".join(cells) + " |")
     return lines
@@ -258,7 +345,7 @@ def plot_size_curves(runs: list[Run], path: Path) -> None:
         pts = sorted(
             (r.slots, ppl(r), infer_speed(r))
             for r in runs
-            if r.test and r.model["memory"]["keys"] == keys
+            if r.test and r.model.memory.keys == keys
         )
         if not pts:
             continue
@@ -274,12 +361,20 @@ def plot_size_curves(runs: list[Run], path: Path) -> None:
 
 
 def plot_curves(runs: list[Run], path: Path) -> None:
-    """Validation perplexity against training tokens, one curve per run."""
+    """Validation perplexity against training tokens, one curve per experiment: the mean over
+    its seeds, with the band between the lowest and highest seed."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in runs:
+    for i, r in enumerate(runs):
         if r.curve:
             tokens, ppls = zip(*r.curve, strict=True)
-            ax.plot(tokens, ppls, marker="." if len(tokens) > 1 else "o", label=r.name)
+            ax.plot(
+                tokens, ppls, marker="." if len(tokens) > 1 else "o", label=r.name, color=f"C{i}"
+            )
+            seeds = [dict(s.curve) for s in r.seeds if s.curve]
+            if len(seeds) > 1:
+                lo = [min(c[t] for c in seeds) for t in tokens]
+                hi = [max(c[t] for c in seeds) for t in tokens]
+                ax.fill_between(tokens, lo, hi, color=f"C{i}", alpha=0.2)
     ax.set_xlabel("training tokens")
     ax.set_ylabel("validation perplexity")
     ax.set_yscale("log")
@@ -304,21 +399,33 @@ def plot_usage(runs: list[Run], path: Path) -> None:
 def make_report(group: str, runs: list[Run], out: Path, scale: str) -> Path:
     """Write ``<out>/<group>.md`` and its plots; return the markdown path."""
     out.mkdir(parents=True, exist_ok=True)
-    done = [r for r in runs if r.test is not None]
-    missing = [r.name for r in runs if r.test is None]
-    tokens = sorted({r.train["tokens"] for r in runs if r.train})
+    done = [r for r in runs if r.done]
+    missing = [r.name for r in runs if not r.done]
+    seeds = [s for r in runs for s in r.seeds]
+    unfinished = sum(s.test is None for s in seeds)
+    tokens = sorted({s.train["tokens"] for s in seeds if s.test and s.train})
     lines = [
         f"# {group} at the {scale} scale",
         "",
         f"Runs: {len(done)} evaluated on the test split"
         + (f"; not finished: {', '.join(missing)}" if missing else "")
         + f". Training tokens per run: {', '.join(f'{t:,}' for t in tokens) or '-'}.",
+    ]
+    if len(seeds) > len(runs):
+        lines += [
+            f"Seeds: {len(seeds) - unfinished} of {len(seeds)} runs finished; test perplexity is "
+            "the mean +- the standard deviation over the finished seeds (n). A gap marked (noise) is "
+            f"within {NOISE_SE:g} standard errors of the difference of two means.",
+        ]
+    lines += [
         "Perplexities are ours on our corpus; the paper's (CC-News, 28B words) are beside them",
         "for reference only: at a shrunk scale only the *direction* of a finding can compare.",
         "",
-        f"The paper: {FINDINGS[group]}",
+        f"The paper: {GROUPS[group].finding}",
         "",
     ]
+    if group == "headline":
+        lines += ["## The claims", "", *claims_table(runs, scale), ""]
     plots = []
     if group == "table1":
         lines += ["## Table 1 (test perplexity: ours (paper))", "", *table1_grid(runs), ""]
@@ -389,7 +496,7 @@ def param_counts(
 
 def group_order(name: str) -> int:
     """Table 1 first, then the ablation base and the ablation groups in sweep order."""
-    if TABLE1_RE.match(name):
+    if table1_shape(name):
         return 0
     return next((i for i, g in enumerate(GROUPS, 1) if name.startswith(g + "_")), 1)
 
@@ -420,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--runs", type=Path, help="directory holding one folder per run")
     parser.add_argument("--out", type=Path, required=True, help="where <group>.md and the plots go")
-    parser.add_argument("--scale", default="tiny", choices=("paper", "small", "tiny", "cpu"))
+    parser.add_argument("--scale", default="tiny", choices=SCALES)
     return parser
 
 
@@ -434,7 +541,11 @@ def main() -> None:
         return
     if args.runs is None:
         parser.error(f"{args.group} needs --runs DIR")
-    path = make_report(args.group, collect(args.group, args.runs), args.out, args.scale)
+    try:
+        experiments(args.group, args.scale)
+    except ValueError as e:
+        parser.error(str(e))
+    path = make_report(args.group, collect(args.group, args.runs, args.scale), args.out, args.scale)
     print(f"wrote {path}")
 
 

