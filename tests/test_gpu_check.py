@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -182,3 +183,23 @@ def test_synthetic_datasets_go_through_the_real_pipeline(tmp_path):
     assert len(train) == 5000 and len(open_split(tmp_path / "ids", "valid")) == 250
     ids = train[0:5000]
     assert ids.min() >= 4 and ids.max() < 70_000  # no special ids, all in the vocabulary
+
+
+def test_paper_verdict_reads_the_step_and_the_estimate(module, tmp_path):
+    ctx = module.Context(module.parse_args(["--work", str(tmp_path)]), dry=True)
+    ctx.out = tmp_path
+    step = {"micro_batch": 32, "seq_len": 256, "vocab": 60000, "precision": "fp16", "steps": 5,
+            "ms_per_step": 151.2, "ms_min": 150.0, "ms_max": 160.0, "peak_gib": 20.5,
+            "total_gib": 79.1, "skipped_steps": 0}  # fmt: skip
+    (tmp_path / "paper.json").write_text(module.json.dumps(step))
+    estimate = module.paper_groups(ctx)[1][0]
+    assert "--vocab" in estimate and "60000" in estimate
+    proc = subprocess.run(estimate, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    (tmp_path / "paper.log").write_text(proc.stdout)
+    r = module.paper_verdict(ctx, [0, 0])
+    assert r.status == "PASS", r.notes
+    assert "151.2 ms/step" in r.notes[0] and "20.50 GiB" in r.notes[0]
+    assert re.search(r"estimate .*: [\d.]+ GB without activations", r.notes[1])
+    assert module.paper_verdict(ctx, [0, 1]).status == "WARN"
+    assert module.paper_verdict(ctx, [1]).status == "FAIL"
