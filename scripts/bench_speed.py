@@ -3,8 +3,9 @@
     python scripts/bench_speed.py                       # both parts, results/cpu/speed.md + plots
     python scripts/bench_speed.py --part memsize --rounds 2
 
-Two parts, each timing inference (forward, no grad, eval mode) and training (forward, backward,
-clipping, optimiser step with the trainer's optimisers: Adam + LazyAdam on row-sparse values):
+Two parts, each timing inference (forward, no grad, eval mode) and training (the trainer's own
+``Trainer.train_step``: forward, backward, clipping, Adam + LazyAdam on row-sparse values, with
+the memory statistics attached as in ``Trainer.fit``):
   - memsize (the paper's Figure 7): the ablation model (6 layers, memory replacing the FFN of
     layer 5) with product keys at |K| = 4k..1M and flat keys at 4k..65k;
   - table1 (the speed axis of Figure 4): the 14 Table 1 shapes (depth, memories spread evenly)
@@ -21,6 +22,8 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
+import platform
 import random
 import statistics
 import sys
@@ -30,16 +33,22 @@ from pathlib import Path
 
 import matplotlib
 import torch
-import torch.nn.functional as F
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 from pkm_lm.atomic import atomic_write_text, save_figure  # noqa: E402
-from pkm_lm.config import MemoryPlacementConfig, ModelConfig, OptimConfig  # noqa: E402
+from pkm_lm.config import (  # noqa: E402
+    DataConfig,
+    MemoryPlacementConfig,
+    ModelConfig,
+    TrainConfig,
+    TrainLoopConfig,
+)
+from pkm_lm.distributed import DistEnv  # noqa: E402
 from pkm_lm.experiments import TABLE1, table1_shape  # noqa: E402
-from pkm_lm.model import build_model  # noqa: E402
-from pkm_lm.optim import build_optimizers, clip_gradients  # noqa: E402
+from pkm_lm.metrics import memory_stats  # noqa: E402
+from pkm_lm.trainer import Trainer  # noqa: E402
 
 BATCH, SEQ, VOCAB, N_HEADS = 8, 64, 8000, 4  # 512 tokens per step; the books corpus' vocabulary
 BASE_DIM, WIDE_DIM = 128, 200  # the paper's 1024 and 1600, shrunk 8x
@@ -108,30 +117,27 @@ def timed(fn, min_seconds: float, max_iters: int) -> float:
 
 def measure_once(variant: Variant, min_seconds: float) -> dict[str, float]:
     """Tokens/s of one freshly built model: inference, then training steps."""
-    torch.manual_seed(0)
-    cfg = variant.config()
-    model = build_model(cfg)
-    opts = build_optimizers(model, model.value_parameters(), OptimConfig())
-    params = list(model.parameters())
+    cfg = TrainConfig(
+        data=DataConfig(seq_len=SEQ),
+        model=variant.config(),
+        train=TrainLoopConfig(batch_size=BATCH, device="cpu"),
+    )
+    # The trainer's own step (its optimisers, clipping, skip check), without data or run dir.
+    trainer = Trainer(cfg, DistEnv(0, 0, 1, torch.device("cpu")), data=False)
+    model = trainer.model
     batch = torch.randint(0, VOCAB, (BATCH, SEQ + 1))
-    x, y = batch[:, :-1], batch[:, 1:]
 
     def infer():
         with torch.no_grad():
-            model(x)
+            model(batch[:, :-1])
 
     def train():
-        logits = model(x)
-        F.cross_entropy(logits.flatten(0, 1), y.flatten()).backward()
-        clip_gradients(params, 5.0)
-        for opt in opts.all:
-            opt.step()
-        opts.zero_grad()
+        with memory_stats(model):  # as in Trainer.fit
+            trainer.train_step(batch)
 
     model.eval()
     infer()  # warm-up: first-call allocations
     t_infer = timed(infer, min_seconds, 20)
-    model.train()
     train()
     t_train = timed(train, min_seconds, 10)
     tokens = BATCH * SEQ
@@ -253,6 +259,17 @@ def table1_report(res: dict, out: Path) -> list[str]:
     return lines
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo, else what platform knows)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -267,6 +284,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
     parts = ("memsize", "table1") if args.part == "all" else (args.part,)
     results_path = args.out / "speed.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
@@ -278,6 +296,8 @@ def main() -> None:
             "rounds": args.rounds,
             "threads": args.threads,
             "torch": torch.__version__,
+            "cpu": cpu_model(),
+            "load_at_start": load,
             "seconds": round(time.time() - started),
         }
     text = json.dumps(results, indent=1) + "\n"
@@ -289,6 +309,12 @@ def main() -> None:
         f"({args.threads}). Tokens per CPU-second of the process (robust to the other processes on "
         f"the machine); medians over {args.rounds} rounds, variants interleaved. "
         "Spread = (max - min) / median over rounds.",
+        "",
+        *(
+            f"- {part}: {s['cpu']}, load average {s['load_at_start']} at the start, {s['seconds']} s"
+            for part in ("memsize", "table1")
+            if "cpu" in (s := results.get(f"{part}_setup", {}))
+        ),
         "",
     ]
     if "memsize" in results:
