@@ -47,6 +47,7 @@ PY = sys.executable
 STATUSES = ("PASS", "WARN", "FAIL", "SKIP")
 TAIL = 400_000  # bytes of each log kept in the report
 PAPER_VOCAB = 60_000  # the paper's BPE vocabulary, for the paper-width step
+OFFLINE = "data/bin/offline"  # the gpu scale's corpus (scripts/sweep.sh --scale gpu)
 
 
 @dataclass
@@ -54,6 +55,7 @@ class Result:
     status: str
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    details: str = ""  # markdown appended to the summary under the stage's title
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Stage:
     groups: Callable[[Context], list[list[list[str]]]]  # sequential groups of parallel commands
     verdict: Callable[[Context, list[int]], Result]  # from the return codes and the files
     optional: bool = False
+    missing: Callable[[Context], str | None] = lambda ctx: None  # why it cannot run, if so
 
 
 class Context:
@@ -170,9 +173,15 @@ def bench_memory_groups(ctx: Context) -> list[list[list[str]]]:
 
 
 def repro_groups(ctx: Context) -> list[list[list[str]]]:
-    return [[["bash", "scripts/sweep.sh", "headline", "--scale", "gpu", "--parallel", "3",
-              "--data", str(ctx.text_data), "--runs", str(ctx.work / "sweep"),
-              "--out", str(ctx.work / "sweep_results")]]]  # fmt: skip
+    """The gpu scale's headline on its own corpus (data/bin/offline, made where fastBPE is)."""
+    sweep = ["bash", "scripts/sweep.sh", "headline", "--scale", "gpu", "--parallel", "3"]
+    return [[[*sweep, "--runs", str(ctx.work / "sweep"), "--out", str(ctx.work / "sweep_out")]]]
+
+
+def repro_missing(ctx: Context) -> str | None:
+    if (ROOT / OFFLINE / "dataset.json").is_file():
+        return None
+    return f"{OFFLINE} not found: preprocess it where fastBPE is and carry it here"
 
 
 # -- verdicts --------------------------------------------------------------------------------
@@ -313,9 +322,11 @@ def bench_verdict(ctx: Context, codes: list[int]) -> Result:
 def repro_verdict(ctx: Context, codes: list[int]) -> Result:
     if not all_ok(codes):
         return failed(codes, "sweep.sh headline --scale gpu")
-    tables = sorted((ctx.work / "sweep_results").rglob("*.md"))
-    notes = [f"table: {t.name}" for t in tables]
-    return Result("PASS" if tables else "FAIL", notes or ["no table written"])
+    tables = sorted((ctx.work / "sweep_out").rglob("headline*.md"))
+    if not tables:
+        return Result("FAIL", ["sweep.sh wrote no headline table"])
+    names = ", ".join(t.name for t in tables)
+    return Result("PASS", [f"{names}: below"], details="\n\n".join(t.read_text() for t in tables))
 
 
 def _finite(x: float) -> bool:
@@ -346,9 +357,9 @@ STAGES = [
           "every gpu-marked test passes (none may be missing); skips and the tests' fallback "
           "warnings are WARN",
           pytest_groups, pytest_verdict),
-    Stage("repro", "reproduction headline (GPU scale)", 240, "repro.log",
+    Stage("repro", "reproduction headline (GPU scale)", 150, "repro.log",
           "scripts/sweep.sh headline --scale gpu writes its table",
-          repro_groups, repro_verdict, optional=True),
+          repro_groups, repro_verdict, optional=True, missing=repro_missing),
 ]  # fmt: skip
 TIMEOUT = -999  # return code recorded for a command killed at its stage's deadline
 
@@ -388,6 +399,8 @@ def run_stage(ctx: Context, stage: Stage) -> Result:
         return Result("SKIP", [f"optional; {left:.0f} s of the budget left, needs {stage.timeout}"])
     if left < 10:
         return Result("SKIP", [f"out of budget (--budget {ctx.args.budget})"])
+    if reason := stage.missing(ctx):
+        return Result("SKIP", [reason])
     deadline = time.monotonic() + min(stage.timeout, left)
     codes: list[int] = []
     for group in stage.groups(ctx):
@@ -452,6 +465,10 @@ def write_summary(ctx: Context, results: dict[str, Result], argv: list[str]) -> 
             continue
         notes = "<br>".join(n.replace("|", "\\|") for n in r.notes)
         lines.append(f"| {stage.title} | **{r.status}** | {r.seconds:.0f} s | {notes} |")
+    for stage in STAGES:
+        r = results.get(stage.name)
+        if r is not None and r.details:
+            lines += ["", f"## {stage.title}", "", r.details.strip()]
     lines += ["", "What each stage checks:", ""]
     lines += [f"- {s.title}: {s.checks}" for s in STAGES if s.name in results]
     lines += ["", "Logs: " + ", ".join(sorted({s.log for s in STAGES if s.name in results}))]
@@ -480,6 +497,8 @@ def dry_run(ctx: Context, stages: list[Stage]) -> None:
         opt = ", optional: runs only if the budget has room" if stage.optional else ""
         print(f"\n[{stage.name}] {stage.title} (timeout {stage.timeout:.0f} s{opt})")
         print(f"  checks: {stage.checks}")
+        if reason := stage.missing(ctx):
+            print(f"  skipped: {reason}")
         for group in stage.groups(ctx):
             joined = " &\n  ".join(f"$ {shlex.join(c)}" for c in group)
             print(f"  {joined}{'  (in parallel)' if len(group) > 1 else ''}")
@@ -518,7 +537,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--budget={args.budget} must be > 0 and --train-steps={args.train_steps} >= 3")
     if args.data and not (Path(args.data) / "dataset.json").is_file():
         p.error(f"--data={args.data}: no dataset.json there (a `pkm_lm.preprocess` out_dir)")
-    args.stages = chosen
+    # The env stage installs the imports every other stage needs; train and paper need data.
+    needed = {"env"} | ({"data"} if {"train", "paper"} & set(chosen) else set())
+    args.stages = [n for n in names if n in set(chosen) | needed]
     return args
 
 

@@ -60,6 +60,13 @@ def test_dry_run_prints_every_stage_and_command(module):
     assert not Path("/scratch").exists()  # a dry run creates nothing
 
 
+def test_chosen_stages_bring_the_stages_they_need():
+    out = gpu_check("--dry-run", "--stages", "paper").stdout
+    assert "[env]" in out and "[data]" in out and "[paper]" in out and "[train]" not in out
+    out = gpu_check("--dry-run", "--stages", "pytest").stdout
+    assert "[env]" in out and "[pytest]" in out and "[data]" not in out
+
+
 def test_without_cuda_it_stops_at_once_with_one_line(tmp_path):
     out = tmp_path / "report"
     proc = gpu_check("--out", str(out))
@@ -83,14 +90,14 @@ def test_bad_arguments_are_named(args, message):
     assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr
 
 
-def _stage(module, name, code, timeout=30.0, optional=False, verdict=None):
+def _stage(module, name, code, timeout=30.0, optional=False, missing=None):
     """A stage whose one command runs ``code`` in Python."""
     return module.Stage(
         name, f"stage {name}", timeout, "fake.log", f"checks of {name}",
         lambda ctx: [[[sys.executable, "-c", code]]],
-        verdict or (lambda ctx, codes: module.failed(codes, name) if codes != [0]
-                    else module.Result("PASS", [f"{name} fine"])),
-        optional=optional,
+        lambda ctx, codes: module.failed(codes, name) if codes != [0]
+        else module.Result("PASS", [f"{name} fine"], details=f"details of {name}"),
+        optional=optional, missing=missing or (lambda ctx: None),
     )  # fmt: skip
 
 
@@ -100,19 +107,24 @@ def test_stages_report_pass_fail_timeout_and_skip(module, monkeypatch, tmp_path)
         _stage(module, "bad", "import sys; sys.exit(3)"),
         _stage(module, "slow", "import time; time.sleep(30)", timeout=1.0),
         _stage(module, "extra", "print('never')", timeout=1000.0, optional=True),
+        _stage(module, "nodata", "print('never')", missing=lambda ctx: "no corpus here"),
     ]
     monkeypatch.setattr(module, "STAGES", stages)
     monkeypatch.setattr(module, "preflight", lambda: (True, "Fake GPU 80GB"))
     scratch = tmp_path / "scratch"
     monkeypatch.setattr(module.tempfile, "mkdtemp", lambda prefix: str(scratch))
     out = tmp_path / "report"
-    code = module.main(["--out", str(out), "--stages", "good,bad,slow,extra", "--budget", "60"])
+    code = module.main(
+        ["--out", str(out), "--stages", "good,bad,slow,extra,nodata", "--budget", "60"]
+    )
     assert code == 1  # a FAIL makes the exit status non-zero
     summary = (out / "summary.md").read_text()
     assert "| stage good | **PASS** |" in summary and "good fine" in summary
     assert "| stage bad | **FAIL** |" in summary and "exit status [3]" in summary
     assert "| stage slow | **FAIL** |" in summary and "timed out" in summary
     assert "| stage extra | **SKIP** |" in summary and "optional" in summary
+    assert "| stage nodata | **SKIP** | 0 s | no corpus here |" in summary
+    assert "## stage good\n\ndetails of good" in summary
     log = (out / "fake.log").read_text()
     assert "hello from good" in log and "[exit 3]" in log and "never" not in log
     assert not scratch.exists()  # the temporary scratch folder is removed
