@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pkm_lm.memory import sparse_rows
+from pkm_lm.memory.values import touched_rows
 
 
 @dataclass(frozen=True)
@@ -142,20 +143,29 @@ class SparseGrads:
 
     Averaging picks, per step and table, the cheaper of two collectives into one flat buffer that
     persists across steps (grown only when needed, at most about the table's size):
-    - gather: each rank's touched rows (ids, values), padded to the longest rank, collected with
-      one ``all_gather_into_tensor``: moves world x longest rows, scales with the rows touched;
-    - dense: the rows scattered into a zero table with a "touched" column, one ``all_reduce``:
-      moves the table, whatever the number of ranks.
+    - gather: each rank's rows, padded to the longest rank, collected with one
+      ``all_gather_into_tensor`` (``all_gather_single``): moves world x longest rows, scales
+      with the rows touched;
+    - dense: the rows scattered into a zero table, one ``all_reduce``: moves the table, whatever
+      the number of ranks.
     Dense is chosen once world x longest >= ``dense_fraction`` x table rows (in training nearly
-    every row is touched; the gather would then move and hold world x the table). Both give the
-    union of the touched rows with their averaged values, so the lazy optimizer sees the same
-    gradient either way.
+    every row is touched; the gather would then move and hold world x the table). Both give
+    every touched row with its averaged value; as the memory layer's own gradient, the rows may
+    include unread rows with a zero gradient, which the lazy optimizer leaves alone. Apart from
+    reading the ranks' row counts, nothing waits for an accelerator: off the CPU the dense
+    branch hands over every row and the gather merges into a fixed number of rows.
     """
 
-    def __init__(self, params: list[nn.Parameter], dense_fraction: float = 1.0) -> None:
+    def __init__(
+        self, params: list[nn.Parameter], dense_fraction: float = 1.0, exact: bool | None = None
+    ) -> None:
+        """``exact``: hand over exactly the rows with a gradient (reading their number back);
+        None: on the CPU only, where that costs no wait."""
         self.params = params
         self.dense_fraction = dense_fraction
+        self.exact = exact
         self._buffers: dict[nn.Parameter, torch.Tensor] = {}
+        self._all_rows: dict[nn.Parameter, torch.Tensor] = {}
 
     def compact_(self) -> None:
         """Sum duplicate rows of accumulated gradients (CUDA's sparse add concatenates them), so
@@ -179,7 +189,7 @@ class SparseGrads:
         counts = torch.zeros(world, len(grads), dtype=torch.long, device=device)
         counts[rank] = torch.tensor([rows.numel() for rows, _ in grads])
         dist.all_reduce(counts)
-        counts = counts.tolist()  # the one host sync: buffer sizes depend on it
+        counts = counts.tolist()  # the one host read: buffer sizes depend on it
         branches = []
         for j, (p, (rows, values)) in enumerate(zip(self.params, grads, strict=True)):
             longest = max(c[j] for c in counts)
@@ -187,11 +197,13 @@ class SparseGrads:
                 union, summed = self._dense(p, rows, values)
                 branches.append("dense")
             else:
-                padded = any(c[j] < longest for c in counts)
-                union, summed = self._gather(p, rows, values, longest, padded)
+                union, summed = self._gather(p, rows, values, longest)
                 branches.append("gather")
             p.grad = _row_sparse(union, summed.div_(world), p.shape)
         return branches
+
+    def _exact(self, t: torch.Tensor) -> bool:
+        return t.device.type == "cpu" if self.exact is None else self.exact
 
     def _buffer(self, p: nn.Parameter, numel: int, dtype: torch.dtype) -> torch.Tensor:
         buf = self._buffers.get(p)
@@ -201,38 +213,35 @@ class SparseGrads:
 
     def _dense(self, p, rows, values):
         n_rows, width = p.shape[0], values.shape[1]
-        table = self._buffer(p, n_rows * (width + 1), values.dtype).view(n_rows, width + 1)
-        table.zero_()
-        table[:, :width].index_copy_(0, rows, values)
-        table[:, width].index_fill_(0, rows, 1.0)  # how many ranks touched each row
+        table = self._buffer(p, n_rows * width, values.dtype).view(n_rows, width)
+        table.zero_().index_copy_(0, rows, values)
         dist.all_reduce(table)
-        union = table[:, width].nonzero().squeeze(1)
-        return union, table[:, :width].index_select(0, union)
+        if self._exact(table):
+            union = table.ne(0).any(1).nonzero().squeeze(1)
+            return union, table.index_select(0, union)
+        if p not in self._all_rows:
+            self._all_rows[p] = torch.arange(n_rows, device=table.device)
+        return self._all_rows[p], table  # every row, the buffer itself: no copy, no sync
 
-    def _gather(self, p, rows, values, longest: int, padded: bool):
-        """Each rank's chunk: ``longest`` row ids (integer bits in the float buffer: exact for any
-        table size), then ``longest`` value rows; padding rows are zeros at id = table rows."""
+    def _gather(self, p, rows, values, longest: int):
+        """Each rank's chunk is a (longest, width + 1) matrix: its value rows, and in the last
+        column their row ids (integer bits in the float buffer: exact for any table size);
+        padding rows are zeros at row 0."""
         world, width, n_rows = dist.get_world_size(), values.shape[1], p.shape[0]
         chunk = longest * (width + 1)
         buf = self._buffer(p, (world + 1) * chunk, values.dtype)
-        local, flat_out = buf[:chunk], buf[chunk:]
-        ids = local[:longest].view(_ID_DTYPES[values.element_size()])
-        ids.fill_(n_rows)
-        ids[: rows.numel()] = rows
-        local_values = local[longest:].view(longest, width)
-        local_values[: rows.numel()] = values
-        local_values[rows.numel() :] = 0
-        _all_gather_flat(flat_out, local)
-        out = flat_out.view(world, chunk)
-        all_ids = out[:, :longest].view(ids.dtype).reshape(-1).long()
-        union, where = torch.unique(all_ids, sorted=True, return_inverse=True)
+        local, flat_out = buf[:chunk].view(longest, width + 1), buf[chunk:]
+        id_dtype = _ID_DTYPES[values.element_size()]
+        n = rows.numel()
+        local[:n, :width] = values
+        local[n:] = 0  # zero bits: id 0, zero values
+        local[:n, width].view(id_dtype).copy_(rows)
+        _all_gather_flat(flat_out, local.view(-1))
+        out = flat_out.view(world * longest, width + 1)
+        ids = out[:, width].view(id_dtype).long()
+        union = touched_rows(ids, n_rows, exact=self._exact(ids))
         summed = values.new_zeros(union.numel(), width)
-        where = where.view(world, longest)
-        for r in range(world):  # rank by rank: no (world x longest x width) copy
-            summed.index_add_(0, where[r], out[r, longest:].view(longest, width))
-        if padded:  # the padding id sorts last
-            union, summed = union[:-1], summed[:-1]
-        return union, summed
+        return union, summed.index_add_(0, torch.searchsorted(union, ids), out[:, :width])
 
 
 _ID_DTYPES = {4: torch.int32, 8: torch.int64}  # row ids stored in the values' bits

@@ -7,7 +7,7 @@ For each experiment and each way the value table's gradient can travel:
 - ``dense grad``: ``model.memory.sparse_grad=false`` (the paper configs): the table's gradient is
   dense and DDP all-reduces it with every other gradient;
 - ``sparse, dense branch`` / ``sparse, gather branch``: ``sparse_grad=true``; ``SparseGrads``
-  averages the touched rows with one all-reduce of a (|K|, v_dim + 1) buffer, or one all-gather
+  averages the touched rows with one all-reduce of a (|K|, v_dim) buffer, or one all-gather
   of each rank's rows padded to the longest rank, whichever its rule picks (marked *).
 
 Counted, in fp32 bytes: parameters, gradients (DDP's gradient buckets are the gradients:
@@ -16,7 +16,9 @@ value-gradient sync buffers and the sparse gradient itself. NOT counted: activat
 allocator's fragmentation, NCCL's own buffers; measure those on a GPU (``make gpu-check``).
 Touched rows: the expected number of distinct slots hit by the step's reads if every read
 picked a slot uniformly at random, the most distinct rows a given number of reads can hit on
-average (skewed real access touches fewer). Bytes sent per rank by ring collectives:
+average (skewed real access touches fewer). On a GPU the sparse gradient has a fixed size,
+min(reads, |K|) rows (padded with zero rows, so nothing waits for the device): the memory and
+bytes use that. Bytes sent per rank by ring collectives:
 all-reduce 2 (W - 1) / W x size, all-gather (W - 1) x chunk.
 """
 
@@ -47,6 +49,7 @@ class Shapes:
     tables: int
     touched_micro: float  # distinct rows one micro-step of one rank touches
     touched_step: float  # ... all micro-steps of one rank (the accumulated gradient)
+    grad_rows: int  # rows of that gradient on a GPU: min(reads, |K|), padded with zero rows
     accum: int
 
 
@@ -69,6 +72,7 @@ def shapes(cfg: TrainConfig, world: int) -> Shapes:
         tables=tables,
         touched_micro=expected_distinct(reads, mem.n_slots),
         touched_step=expected_distinct(reads * accum, mem.n_slots),
+        grad_rows=min(reads * accum, mem.n_slots),
         accum=accum,
     )
 
@@ -83,21 +87,21 @@ def rows_for(s: Shapes, world: int) -> list[tuple[str, float, float, float]]:
     out.append(("dense grad", common + s.params * FLOAT, 0.0, ring * s.params * FLOAT))
     # Sparse: the accumulated gradient (rows touched by this rank) + LazyAdam's scratch rows.
     row = s.width * FLOAT + INDEX
-    sparse_grad = s.tables * s.touched_step * row
-    scratch = s.tables * 2 * s.touched_step * s.width * FLOAT
+    sparse_grad = s.tables * s.grad_rows * row
+    scratch = s.tables * 2 * s.grad_rows * s.width * FLOAT
     base = common + dense * FLOAT + sparse_grad + scratch
-    dense_branch = s.tables * s.rows * (s.width + 1) * FLOAT
-    chunk = s.touched_step * (s.width + 1) * FLOAT  # ids share the values' buffer
+    dense_branch = s.tables * s.rows * s.width * FLOAT  # handed over as the gradient itself
+    chunk = s.grad_rows * (s.width + 1) * FLOAT  # ids share the values' buffer
     gather_branch = s.tables * (world + 1) * chunk
-    union = s.tables * min(world * s.touched_step, s.rows) * s.width * FLOAT  # summed rows
-    picks_dense = world * s.touched_step >= SparseGrads([]).dense_fraction * s.rows
-    dense_sent = ring * dense * FLOAT + s.tables * ring * s.rows * (s.width + 1) * FLOAT
+    union = s.tables * min(world * s.grad_rows, s.rows) * s.width * FLOAT  # merged rows
+    picks_dense = world * s.grad_rows >= SparseGrads([]).dense_fraction * s.rows
+    dense_sent = ring * dense * FLOAT + s.tables * ring * s.rows * s.width * FLOAT
     gather_sent = ring * dense * FLOAT + s.tables * (world - 1) * chunk
     mark = {True: " *", False: ""}
     out.append(
         (
             "sparse, dense branch" + mark[picks_dense],
-            base + dense_branch + union,
+            base + dense_branch,
             dense_branch,
             dense_sent,
         )

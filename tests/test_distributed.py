@@ -53,12 +53,12 @@ def backward(p: torch.nn.Parameter, rank: int, micro: int, scale: float = 1.0) -
     (out.square().sum() * scale).backward()
 
 
-def _sparse_worker(rank: int, port: int, dense_fraction: float, micros: int, out) -> None:
+def _sparse_worker(rank: int, port: int, dense_fraction: float, micros: int, exact, out) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     p = table()
-    grads = SparseGrads([p], dense_fraction)
+    grads = SparseGrads([p], dense_fraction, exact)
     for micro in range(micros):
         backward(p, rank, micro)
         if micro > 0:
@@ -68,20 +68,28 @@ def _sparse_worker(rank: int, port: int, dense_fraction: float, micros: int, out
     dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("micros", [1, 3], ids=["one-micro-step", "accumulated"])
+@pytest.mark.parametrize(
+    ("micros", "exact"),
+    [(1, None), (3, None), (3, False)],
+    ids=["one-micro-step", "accumulated", "fixed-size-rows-as-on-gpus"],
+)
 @pytest.mark.parametrize(("dense_fraction", "branch"), [(0.0, "dense"), (float("inf"), "gather")])
-def test_both_branches_equal_the_single_process_gradient(dense_fraction, branch, micros):
+def test_both_branches_equal_the_single_process_gradient(dense_fraction, branch, micros, exact):
     # One process sees both ranks' reads; the mean over ranks is half their sum.
     ref = table()
     for rank in range(2):
         for micro in range(micros):
             backward(ref, rank, micro, scale=0.5)
     touched = torch.cat([reads(r, m)[0].reshape(-1) for r in range(2) for m in range(micros)])
-    for branches, rows, grad in spawn(_sparse_worker, dense_fraction, micros):
+    for branches, rows, grad in spawn(_sparse_worker, dense_fraction, micros, exact):
         assert branches == [branch]
-        # One row per slot read by any rank, sorted: what the lazy optimizer updates.
-        assert rows == sorted(set(touched.tolist()))
-        assert torch.allclose(torch.from_numpy(grad), ref.grad.to_dense(), atol=1e-6)
+        grad = torch.from_numpy(grad)
+        assert torch.allclose(grad, ref.grad.to_dense(), atol=1e-6)
+        # Ascending unique rows covering every slot read by any rank (what the lazy optimizer
+        # updates); any other row in them has a zero gradient, which it leaves alone.
+        assert rows == sorted(set(rows)) and set(touched.tolist()) <= set(rows)
+        extra = sorted(set(rows) - set(touched.tolist()))
+        assert not grad[extra].any()
 
 
 def test_compact_sums_the_duplicate_rows_of_an_accumulated_gradient():
