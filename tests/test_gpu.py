@@ -12,13 +12,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from tiny_trainer import build_trainer, tiny_args
+from tiny_trainer import build_trainer, kill_at_checkpoint, tiny_args
 
 from pkm_lm.checkpoint import latest_checkpoint, load_checkpoint
 from pkm_lm.memory import LazyAdam, MemoryConfig, ProductKeyMemory
@@ -294,14 +293,7 @@ def test_kill_and_resume_on_cuda_matches_an_uninterrupted_run(ids_data, tmp_path
     whole, killed = tmp_path / "whole", tmp_path / "killed"
     run(["-m", "pkm_lm.train", *tiny_args(ids_data, "cuda", whole, *common)])
     cmd = [sys.executable, "-m", "pkm_lm.train", *tiny_args(ids_data, "cuda", killed, *common)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    target = killed / "checkpoints" / "step_0000008.json"
-    deadline = time.time() + 120
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(cmd, ENV, killed, 8)
     at_kill = latest_checkpoint(killed)
     assert at_kill is not None and load_checkpoint(at_kill)["step"] < 60, "run ended before kill"
 

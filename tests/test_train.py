@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import random
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from tiny_trainer import kill_at_checkpoint
 
 from pkm_lm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from pkm_lm.metrics import MetricLogger, read_metrics
@@ -129,14 +128,7 @@ def test_kill_and_resume_equals_uninterrupted(data_dir, tmp_path):
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "pkm_lm.train", *tiny_args(data_dir, killed, *common)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)  # fmt: skip
-    target = killed / "checkpoints" / "step_0000008.json"
-    deadline = time.time() + 120
-    while not target.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    kill_at_checkpoint(cmd, ENV, killed, 8)
     at_kill = latest_checkpoint(killed)
     assert at_kill is not None and load_checkpoint(at_kill)["step"] < 30, "run ended before kill"
 

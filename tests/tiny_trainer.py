@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,3 +32,17 @@ def build_trainer(data: Path, device: str | None, run_dir: Path, *overrides: str
         dcfg = compose("train", overrides=tiny_args(data, device, run_dir, *overrides))
     cfg = train.to_train_config(dcfg)
     return train.Trainer(cfg, train.init_distributed(cfg.distributed.backend, cfg.train.device))
+
+
+def kill_at_checkpoint(cmd: list[str], env: dict, run_dir: Path, step: int) -> None:
+    """Start a training command and SIGKILL it once the checkpoint of ``step`` is complete (or
+    the run ended first, or two minutes passed)."""
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    target = Path(run_dir) / "checkpoints" / f"step_{step:07d}.json"
+    deadline = time.time() + 120
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
