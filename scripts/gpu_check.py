@@ -164,8 +164,10 @@ def paper_groups(ctx: Context) -> list[list[list[str]]]:
 
 
 def bench_train_groups(ctx: Context) -> list[list[list[str]]]:
-    args = "--device cuda --seq-len 256 --batch 32 --steps 20 --warmup 5 --nproc 1"
-    return [[[PY, "scripts/bench_train.py", *args.split()]]]
+    """fp32 (comparable with the CPU tables) and bf16 (how a GPU trains), one after the other."""
+    args = "--device cuda --seq-len 256 --batch 32 --steps 20 --warmup 5 --nproc 1".split()
+    bench = [PY, "scripts/bench_train.py", *args]
+    return [[[*bench, "--precision", "fp32"]], [[*bench, "--precision", "bf16"]]]
 
 
 def bench_memory_groups(ctx: Context) -> list[list[list[str]]]:
@@ -315,8 +317,31 @@ def paper_verdict(ctx: Context, codes: list[int]) -> Result:
     return Result("PASS", notes)
 
 
-def bench_verdict(ctx: Context, codes: list[int]) -> Result:
-    return Result("PASS", ["table in bench.log"]) if all_ok(codes) else failed(codes, "benchmark")
+def command_outputs(log: Path) -> list[tuple[str, str]]:
+    """(command, output) of each command ``run_group`` wrote into ``log``, in order."""
+    parts = re.split(r"^\$ (.*)\n", log.read_text(errors="replace"), flags=re.M)
+    return list(zip(parts[1::2], parts[2::2], strict=True))
+
+
+def bench_verdict(ctx: Context, codes: list[int], script: str, pattern: str) -> Result:
+    """The benchmark's headline lines (``pattern``) from each of its runs in bench.log."""
+    if not all_ok(codes):
+        return failed(codes, script)
+    notes = []
+    for cmd, out in command_outputs(ctx.out / "bench.log"):
+        if script in cmd:
+            precision = re.search(r"--precision (\w+)", cmd)
+            prefix = f"{precision.group(1)}: " if precision else ""
+            notes += [prefix + line.strip() for line in re.findall(pattern, out, re.M)]
+    return Result("PASS", notes or [f"{script}: table in bench.log"])
+
+
+def bench_train_verdict(ctx: Context, codes: list[int]) -> Result:
+    return bench_verdict(ctx, codes, "bench_train.py", r"^memory / .*$")
+
+
+def bench_memory_verdict(ctx: Context, codes: list[int]) -> Result:
+    return bench_verdict(ctx, codes, "bench_memory.py", r"^\| ratio .*$")
 
 
 def repro_verdict(ctx: Context, codes: list[int]) -> Result:
@@ -347,12 +372,12 @@ STAGES = [
     Stage("paper", "12L_1mem paper-width step", 90, "paper.log",
           "the real trainer runs 12L_1mem steps; ms/step and peak GPU memory",
           paper_groups, paper_verdict),
-    Stage("bench-train", "bench_train.py on CUDA", 60, "bench.log",
-          "L vs L + memory vs 2L, train and inference tokens/s: the table is printed",
-          bench_train_groups, bench_verdict),
+    Stage("bench-train", "bench_train.py on CUDA", 90, "bench.log",
+          "L vs L + memory vs 2L, train and inference tokens/s, fp32 and bf16: tables printed",
+          bench_train_groups, bench_train_verdict),
     Stage("bench-memory", "bench_memory.py on CUDA", 60, "bench.log",
           "the layer vs lucidrains' product-key-memory: the table is printed",
-          bench_memory_groups, bench_verdict),
+          bench_memory_groups, bench_memory_verdict),
     Stage("pytest", "pytest -m gpu", 220, "pytest.log",
           "every gpu-marked test passes (none may be missing); skips and the tests' fallback "
           "warnings are WARN",

@@ -215,3 +215,20 @@ def test_paper_verdict_reads_the_step_and_the_estimate(module, tmp_path):
     assert re.search(r"estimate .*: [\d.]+ GB without activations", r.notes[1])
     assert module.paper_verdict(ctx, [0, 1]).status == "WARN"
     assert module.paper_verdict(ctx, [1]).status == "FAIL"
+
+
+def test_bench_verdicts_quote_each_runs_headline(module, tmp_path):
+    ctx = module.Context(module.parse_args(["--work", str(tmp_path)]), dry=True)
+    ctx.out = tmp_path
+    for i, precision in enumerate(["fp32", "bf16"]):  # stand-ins named like the real commands
+        ratio = f"memory / same depth, training: 0.6{i}x (target >= 0.8x)"
+        code = f"print('| model | train tok/s |'); print({ratio!r})"
+        cmd = [sys.executable, "-c", code, "scripts/bench_train.py", "--precision", precision]
+        module.run_group(ctx, [cmd], tmp_path / "bench.log", module.time.monotonic() + 30)
+    r = module.bench_train_verdict(ctx, [0, 0])
+    assert r.status == "PASS" and r.notes == [
+        "fp32: memory / same depth, training: 0.60x (target >= 0.8x)",
+        "bf16: memory / same depth, training: 0.61x (target >= 0.8x)",
+    ]
+    assert module.bench_memory_verdict(ctx, [0]).notes == ["bench_memory.py: table in bench.log"]
+    assert module.bench_memory_verdict(ctx, [2]).status == "FAIL"
