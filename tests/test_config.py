@@ -175,3 +175,20 @@ def test_logger_group_selects_wandb_offline():
     cfg = compose_train(["logger=wandb"])
     assert (cfg.logger.kind, cfg.logger.mode) == ("wandb", "offline")
     assert compose_train([]).logger.kind == "console"
+
+
+def test_resume_check_refuses_what_changes_the_training_and_allows_the_rest():
+    saved = OmegaConf.to_container(OmegaConf.structured(compose_train([])))
+    same = compose_train(["train.max_steps=7", "train.device=cpu", "train.precision=bf16"])
+    same.check_resumable(saved, "ckpt")  # intervals, device and precision may change
+    changed = compose_train(["model.dim=256", "train.seed=3", "train.device=cpu"])
+    with pytest.raises(ValueError, match=r"cannot resume ckpt") as err:
+        changed.check_resumable(saved, "ckpt")
+    assert "model.dim: 512 -> 256" in str(err.value) and "train.seed: 0 -> 3" in str(err.value)
+    assert "device" not in str(err.value)
+
+
+def test_train_device_is_validated():
+    with pytest.raises(ValueError, match=r"train\.device=.?gpu") as err:
+        compose_train(["train.device=gpu"])
+    assert all(choice in str(err.value) for choice in ("auto", "cpu", "cuda"))
