@@ -34,6 +34,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -236,7 +237,8 @@ def pytest_verdict(ctx: Context, codes: list[int]) -> Result:
     tail = re.findall(r"^=*\s*(\d+ \w+.* in [\d.]+s.*?)\s*=*$", log, re.M)
     summary = tail[-1] if tail else "no pytest summary line"
     if codes[0] != 0:
-        return failed(codes, summary)
+        broken = re.findall(r"^(?:FAILED|ERROR) (\S+)", log, re.M)
+        return Result("FAIL", failed(codes, summary).notes + [f"failed: {t}" for t in broken])
     if not re.search(r"\b[1-9]\d* passed", summary):
         return Result("FAIL", [f"{summary}: no GPU test ran"])
     warned = re.findall(r"test_\w+\.py:\d+: \w*Warning: (.*)$", log, re.M)
@@ -393,29 +395,44 @@ TIMEOUT = -999  # return code recorded for a command killed at its stage's deadl
 
 
 def run_group(ctx: Context, cmds: list[list[str]], log: Path, deadline: float) -> list[int]:
-    """Run the commands of one group in parallel, appending their output to ``log``."""
+    """Run the commands of one group in parallel, appending their output to ``log``. Each runs
+    in its own process group, killed whole at the deadline (or on Ctrl-C), so no trainer a
+    command started outlives it on the GPU."""
     procs = []
     for cmd in cmds:
         out = tempfile.TemporaryFile(dir=ctx.work)
-        procs.append(
-            (cmd, out, subprocess.Popen(cmd, cwd=ROOT, env=ctx.env, stdout=out, stderr=out))
+        proc = subprocess.Popen(
+            cmd, cwd=ROOT, env=ctx.env, stdout=out, stderr=out, start_new_session=True
         )
+        procs.append((cmd, out, proc))
     codes = []
-    for cmd, out, proc in procs:
-        try:
-            codes.append(proc.wait(timeout=max(deadline - time.monotonic(), 0.1)))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-            codes.append(TIMEOUT)
+    try:
+        for _, _, proc in procs:
+            try:
+                codes.append(proc.wait(timeout=max(deadline - time.monotonic(), 0.1)))
+            except subprocess.TimeoutExpired:
+                _kill_group(proc)
+                codes.append(TIMEOUT)
+    finally:
+        for _, _, proc in procs:
+            _kill_group(proc)  # the stragglers of a command that returned, or all on Ctrl-C
+    for (cmd, out, _), code in zip(procs, codes, strict=False):
         out.seek(0)
         data = out.read()
         out.close()
         if len(data) > TAIL:
             data = b"[... %d bytes cut ...]\n" % (len(data) - TAIL) + data[-TAIL:]
         with open(log, "ab") as f:
-            f.write(f"$ {shlex.join(cmd)}\n".encode() + data + f"[exit {codes[-1]}]\n\n".encode())
+            f.write(f"$ {shlex.join(cmd)}\n".encode() + data + f"[exit {code}]\n\n".encode())
     return codes
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # the group is gone
+        pass
+    proc.wait()
 
 
 def run_stage(ctx: Context, stage: Stage) -> Result:

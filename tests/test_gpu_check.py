@@ -105,7 +105,7 @@ def test_stages_report_pass_fail_timeout_and_skip(module, monkeypatch, tmp_path)
     stages = [
         _stage(module, "good", "print('hello from good')"),
         _stage(module, "bad", "import sys; sys.exit(3)"),
-        _stage(module, "slow", "import time; time.sleep(30)", timeout=1.0),
+        _stage(module, "slow", SPAWN_AND_SLEEP.format(pidfile=tmp_path / "child.pid"), timeout=2.0),
         _stage(module, "extra", "print('never')", timeout=1000.0, optional=True),
         _stage(module, "nodata", "print('never')", missing=lambda ctx: "no corpus here"),
     ]
@@ -128,7 +128,23 @@ def test_stages_report_pass_fail_timeout_and_skip(module, monkeypatch, tmp_path)
     log = (out / "fake.log").read_text()
     assert "hello from good" in log and "[exit 3]" in log and "never" not in log
     assert not scratch.exists()  # the temporary scratch folder is removed
+    child = int((tmp_path / "child.pid").read_text())  # what the timed-out command started
+    assert not _alive(child), "a command's child outlived its stage's timeout"
     assert len(list(out.iterdir())) <= 8
+
+
+SPAWN_AND_SLEEP = (
+    "import subprocess, time; p = subprocess.Popen(['sleep', '60']); "
+    "open('{pidfile}', 'w').write(str(p.pid)); time.sleep(60)"
+)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its reaper counts as gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 def test_all_passing_exits_zero_and_out_of_budget_skips(module, monkeypatch, tmp_path):
@@ -167,8 +183,12 @@ def test_pytest_verdict_never_passes_vacuously_and_reports_fallbacks(module, tmp
     r = module.pytest_verdict(ctx, [0])
     assert r.status == "WARN" and r.notes[0].startswith("20 passed, 1 skipped")
     assert any("gloo used" in n for n in r.notes) and any("needs 2 GPUs" in n for n in r.notes)
-    log.write_text("===== 1 failed, 19 passed in 50.00s =====\n")
-    assert module.pytest_verdict(ctx, [1]).status == "FAIL"
+    log.write_text(
+        "FAILED tests/test_gpu.py::test_a[x] - AssertionError: no\n"
+        "===== 1 failed, 19 passed in 50.00s =====\n"
+    )
+    r = module.pytest_verdict(ctx, [1])
+    assert r.status == "FAIL" and r.notes[-1] == "failed: tests/test_gpu.py::test_a[x]"
 
 
 def test_zipf_text_is_reproducible_zipfian_and_learnable():
