@@ -556,7 +556,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", help="report folder (default results/gpu/<date>_<gpu>)")
-    p.add_argument("--data", help="a preprocessed corpus to use instead of the synthetic data")
+    p.add_argument("--data", help="a preprocessed corpus (a pkm_lm.preprocess out_dir) for the "
+                   "trainings and the paper step instead of the synthetic data")  # fmt: skip
     p.add_argument("--wheelhouse", default="wheelhouse", help="wheels for missing imports")
     p.add_argument("--work", help="scratch folder for data and runs, kept (default: a temporary "
                    "one, deleted at the end)")  # fmt: skip
@@ -566,7 +567,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--stages",
         default=",".join(s.name for s in STAGES),
-        help="comma-separated subset, in this order: " + ",".join(s.name for s in STAGES),
+        help="comma-separated subset of " + ",".join(s.name for s in STAGES) + " (env always "
+        "runs: it installs the imports; train and paper bring data)",
     )
     p.add_argument("--dry-run", action="store_true", help="print every stage and command")
     args = p.parse_args(argv)
