@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 from pkm_lm.atomic import atomic_write, atomic_write_text
 from pkm_lm.config import TrainConfig
+from pkm_lm.errors import NotFoundError
 from pkm_lm.model import TransformerLM, build_model
 
 _NAME = re.compile(r"^step_(\d+)\.json$")
@@ -64,7 +65,7 @@ def load_checkpoint(path: str | Path, mmap: bool = True) -> dict[str, Any]:
     False when the tensors are kept on the CPU (a CPU optimizer would keep the file mapped)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise NotFoundError(f"checkpoint {path} does not exist")
     # weights_only=False: the state holds RNG states and the data loader's plain-Python state.
     return torch.load(path, map_location="cpu", mmap=mmap, weights_only=False)
 
@@ -73,7 +74,7 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
     """The validated config a training run wrote to ``run_dir/config.yaml``."""
     cfg_path = Path(run_dir) / "config.yaml"
     if not cfg_path.is_file():
-        raise FileNotFoundError(f"{cfg_path} not found: is run_dir={run_dir} a training run?")
+        raise NotFoundError(f"{cfg_path} not found: is run_dir={run_dir} a training run?")
     schema = OmegaConf.structured(TrainConfig)
     return OmegaConf.to_object(OmegaConf.merge(schema, OmegaConf.load(cfg_path)))
 
@@ -87,7 +88,7 @@ def load_run(
     cfg = read_run_config(run_dir)
     ckpt_path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
     if ckpt_path is None:
-        raise FileNotFoundError(f"no complete checkpoint in {checkpoint_dir(run_dir)}")
+        raise NotFoundError(f"no complete checkpoint in {checkpoint_dir(run_dir)}")
     state = load_checkpoint(ckpt_path)
     model = build_model(cfg.model, device)
     model.load_state_dict(state["model"])

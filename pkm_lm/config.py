@@ -15,22 +15,16 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+from pkm_lm.errors import (
+    ConfigError,
+    check_choice,
+    check_positive,
+    check_probability,
+    invalid,
+    require,
+    show,
+)
 from pkm_lm.memory import MemoryConfig
-
-
-def _check_choice(name: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not allowed; choose one of {list(allowed)}")
-
-
-def _check_positive(name: str, value: Any) -> None:
-    if not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name}={value!r} must be a positive integer")
-
-
-def _check_probability(name: str, value: float) -> None:
-    if not 0.0 <= value < 1.0:
-        raise ValueError(f"{name}={value!r} must be in [0, 1)")
 
 
 def spread_evenly(n_layers: int, count: int) -> list[int]:
@@ -43,9 +37,11 @@ def spread_evenly(n_layers: int, count: int) -> list[int]:
     step = math.ceil(n_layers / (count + 1))
     positions = [i * step for i in range(1, count + 1)]
     if positions[-1] > n_layers:
-        raise ValueError(
-            f"model.memory.count={count} cannot be spread evenly over model.n_layers={n_layers} "
-            f"(positions {positions}); list them explicitly with model.memory.layers=[...]"
+        raise invalid(
+            "model.memory.count",
+            count,
+            f"cannot be spread evenly over model.n_layers={n_layers} (positions {positions}); "
+            "list them explicitly with model.memory.layers=[...]",
         )
     return positions
 
@@ -65,18 +61,24 @@ class MemoryPlacementConfig(MemoryConfig):
     count: int = 0
     position: str = "replace"
 
+    KEY_PREFIX = "model.memory."
+
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_choice("model.memory.position", self.position, ("replace", "add"))
-        if self.count < 0:
-            raise ValueError(f"model.memory.count={self.count} must be >= 0")
-        if self.count and self.layers:
-            raise ValueError(
-                f"model.memory.layers={list(self.layers)} and model.memory.count={self.count} "
-                "are alternatives: set only one"
-            )
-        if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"model.memory.layers={list(self.layers)} has duplicate indices")
+        check_choice("model.memory.position", self.position, ("replace", "add"))
+        require(self.count >= 0, "model.memory.count", self.count, "must be >= 0")
+        require(
+            not (self.count and self.layers),
+            "model.memory.layers",
+            self.layers,
+            f"cannot be set with model.memory.count={self.count}: they are alternatives, set one",
+        )
+        require(
+            len(set(self.layers)) == len(self.layers),
+            "model.memory.layers",
+            self.layers,
+            "has duplicate indices",
+        )
 
 
 @dataclass
@@ -98,28 +100,33 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "dim", "n_heads", "ffn_mult"):
-            _check_positive(f"model.{name}", getattr(self, name))
+            check_positive(f"model.{name}", getattr(self, name))
         for name in ("vocab_size", "max_seq_len"):
             if getattr(self, name) is not None:
-                _check_positive(f"model.{name}", getattr(self, name))
-        if self.dim % self.n_heads:
-            raise ValueError(
-                f"model.n_heads={self.n_heads} must divide model.dim={self.dim} "
-                f"(divisors: {[h for h in range(1, self.dim + 1) if self.dim % h == 0][:12]}...)"
-            )
-        _check_probability("model.dropout", self.dropout)
-        _check_probability("model.attn_dropout", self.attn_dropout)
-        _check_choice("model.norm", self.norm, ("pre", "post"))
+                check_positive(f"model.{name}", getattr(self, name))
+        divisors = [h for h in range(1, self.dim + 1) if self.dim % h == 0]
+        require(
+            self.dim % self.n_heads == 0,
+            "model.n_heads",
+            self.n_heads,
+            f"must divide model.dim={self.dim} (divisors: {show(divisors[:12])}...)",
+        )
+        check_probability("model.dropout", self.dropout)
+        check_probability("model.attn_dropout", self.attn_dropout)
+        check_choice("model.norm", self.norm, ("pre", "post"))
         bad = [i for i in self.memory.layers if not 1 <= i <= self.n_layers]
-        if bad:
-            raise ValueError(
-                f"model.memory.layers={list(self.memory.layers)}: indices {bad} out of range; "
-                f"layers count from 1 to model.n_layers={self.n_layers}"
-            )
-        if self.memory.count > self.n_layers:
-            raise ValueError(
-                f"model.memory.count={self.memory.count} exceeds model.n_layers={self.n_layers}"
-            )
+        require(
+            not bad,
+            "model.memory.layers",
+            self.memory.layers,
+            f"indices {bad} out of range; layers count from 1 to model.n_layers={self.n_layers}",
+        )
+        require(
+            self.memory.count <= self.n_layers,
+            "model.memory.count",
+            self.memory.count,
+            f"exceeds model.n_layers={self.n_layers}",
+        )
         spread_evenly(self.n_layers, self.memory.count)  # raises if it cannot be placed
 
     @property
@@ -138,7 +145,7 @@ class DataConfig:
     shuffle: bool = False
 
     def __post_init__(self) -> None:
-        _check_positive("data.seq_len", self.seq_len)
+        check_positive("data.seq_len", self.seq_len)
 
 
 @dataclass
@@ -156,15 +163,17 @@ class OptimConfig:
     clip_norm: float = 5.0
 
     def __post_init__(self) -> None:
-        if self.lr <= 0 or self.value_lr <= 0:
-            raise ValueError(f"optim.lr={self.lr} and optim.value_lr={self.value_lr} must be > 0")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
-            raise ValueError(f"optim.betas={list(self.betas)} must be two numbers in [0, 1)")
-        if self.warmup_steps < 0:
-            raise ValueError(f"optim.warmup_steps={self.warmup_steps} must be >= 0")
-        if self.clip_norm < 0:
-            raise ValueError(f"optim.clip_norm={self.clip_norm} must be >= 0 (0 disables)")
-        _check_choice("optim.value_optimizer", self.value_optimizer, ("lazy_adam", "adam"))
+        require(self.lr > 0, "optim.lr", self.lr, "must be > 0")
+        require(self.value_lr > 0, "optim.value_lr", self.value_lr, "must be > 0")
+        require(
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            "optim.betas",
+            self.betas,
+            "must be two numbers in [0, 1)",
+        )
+        require(self.warmup_steps >= 0, "optim.warmup_steps", self.warmup_steps, "must be >= 0")
+        require(self.clip_norm >= 0, "optim.clip_norm", self.clip_norm, "must be >= 0 (0 disables)")
+        check_choice("optim.value_optimizer", self.value_optimizer, ("lazy_adam", "adam"))
 
 
 @dataclass
@@ -183,29 +192,32 @@ class TrainLoopConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_steps", "eval_interval", "checkpoint_interval"):
-            _check_positive(f"train.{name}", getattr(self, name))
+            check_positive(f"train.{name}", getattr(self, name))
         for name in ("log_interval", "keep_checkpoints"):
-            _check_positive(f"train.{name}", getattr(self, name))
+            check_positive(f"train.{name}", getattr(self, name))
         for name in ("micro_batch_size", "eval_batch_size"):
             if getattr(self, name) is not None:
-                _check_positive(f"train.{name}", getattr(self, name))
-        _check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
-        _check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
+                check_positive(f"train.{name}", getattr(self, name))
+        check_choice("train.precision", self.precision, ("fp32", "bf16", "fp16"))
+        check_choice("train.device", self.device, ("auto", "cpu", "cuda"))
 
     def micro_steps(self, world_size: int) -> tuple[int, int]:
         """(micro batch size per rank, micro-steps per optimizer step) for this world size."""
-        if self.batch_size % world_size:
-            raise ValueError(
-                f"train.batch_size={self.batch_size} cannot be split over {world_size} processes: "
-                f"use a multiple of {world_size}"
-            )
+        require(
+            self.batch_size % world_size == 0,
+            "train.batch_size",
+            self.batch_size,
+            f"cannot be split over {world_size} processes: use a multiple of {world_size}",
+        )
         per_rank = self.batch_size // world_size
         micro = self.micro_batch_size or per_rank
-        if per_rank % micro:
-            raise ValueError(
-                f"train.micro_batch_size={micro} must divide the per-process batch "
-                f"train.batch_size / world_size = {self.batch_size} / {world_size} = {per_rank}"
-            )
+        require(
+            per_rank % micro == 0,
+            "train.micro_batch_size",
+            micro,
+            "must divide the per-process batch train.batch_size / world_size = "
+            f"{self.batch_size} / {world_size} = {per_rank}",
+        )
         return micro, per_rank // micro
 
 
@@ -218,7 +230,7 @@ class DistributedConfig:
     backend: str | None = None
 
     def __post_init__(self) -> None:
-        _check_choice("distributed.backend", self.backend, (None, "gloo", "nccl"))
+        check_choice("distributed.backend", self.backend, (None, "gloo", "nccl"))
 
 
 @dataclass
@@ -228,8 +240,8 @@ class LoggerConfig:
     mode: str = "offline"  # wandb mode: offline needs no login and no network
 
     def __post_init__(self) -> None:
-        _check_choice("logger.kind", self.kind, ("console", "wandb"))
-        _check_choice("logger.mode", self.mode, ("offline", "online", "disabled"))
+        check_choice("logger.kind", self.kind, ("console", "wandb"))
+        check_choice("logger.mode", self.mode, ("offline", "online", "disabled"))
 
 
 # Settings a resumed run must keep: they decide what it trains. Intervals, max_steps, precision,
@@ -251,15 +263,19 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.model.max_seq_len is None:
             self.model.max_seq_len = self.data.seq_len
-        if self.model.max_seq_len < self.data.seq_len:
-            raise ValueError(
-                f"model.max_seq_len={self.model.max_seq_len} < data.seq_len={self.data.seq_len}"
-            )
-        if self.optim.value_optimizer == "adam" and self.model.memory.sparse_grad:
-            raise ValueError(
-                "optim.value_optimizer=adam cannot take sparse gradients: set "
-                "model.memory.sparse_grad=false, or use optim.value_optimizer=lazy_adam"
-            )
+        require(
+            self.model.max_seq_len >= self.data.seq_len,
+            "model.max_seq_len",
+            self.model.max_seq_len,
+            f"must be >= data.seq_len={self.data.seq_len}",
+        )
+        require(
+            not (self.optim.value_optimizer == "adam" and self.model.memory.sparse_grad),
+            "optim.value_optimizer",
+            self.optim.value_optimizer,
+            "cannot take sparse gradients: set model.memory.sparse_grad=false, "
+            "or use optim.value_optimizer=lazy_adam",
+        )
 
     def check_resumable(self, saved: dict, source: str) -> None:
         """Refuse to resume ``source``, trained under ``saved`` (a config as plain containers),
@@ -274,7 +290,7 @@ class TrainConfig:
             if saved[group].get(key) != now[group][key]
         ]
         if changed:
-            raise ValueError(
+            raise ConfigError(
                 f"cannot resume {source}: it was trained with other settings "
                 f"({'; '.join(changed)}); use another run_dir or the original settings"
             )
@@ -289,7 +305,7 @@ class EvaluateConfig:
     device: str | None = None  # auto, cpu or cuda; None: the run's train.device
 
     def __post_init__(self) -> None:
-        _check_choice("device", self.device, (None, "auto", "cpu", "cuda"))
+        check_choice("device", self.device, (None, "auto", "cpu", "cuda"))
 
 
 @dataclass
@@ -305,13 +321,12 @@ class GenerateConfig:
     device: str | None = None  # auto, cpu or cuda; None: the run's train.device
 
     def __post_init__(self) -> None:
-        _check_choice("device", self.device, (None, "auto", "cpu", "cuda"))
-        _check_positive("max_new_tokens", self.max_new_tokens)
-        _check_positive("num_samples", self.num_samples)
-        if self.temperature <= 0:
-            raise ValueError(f"temperature={self.temperature} must be > 0")
+        check_choice("device", self.device, (None, "auto", "cpu", "cuda"))
+        check_positive("max_new_tokens", self.max_new_tokens)
+        check_positive("num_samples", self.num_samples)
+        require(self.temperature > 0, "temperature", self.temperature, "must be > 0")
         if self.top_k is not None:
-            _check_positive("top_k", self.top_k)
+            check_positive("top_k", self.top_k)
 
 
 def register_configs() -> None:

@@ -15,16 +15,20 @@ import sys
 import time
 from pathlib import Path
 
+from pkm_lm import cli
 from pkm_lm.metrics import read_metrics
 
 
 def stage(title: str, args: list[str]) -> None:
     print(f"\n=== {title}\n$ python {' '.join(args)}", flush=True)
     start = time.perf_counter()
-    subprocess.run([sys.executable, *args], check=True)
+    code = subprocess.run([sys.executable, *args]).returncode
+    if code:  # the stage printed its error (one line for a user error, else a traceback)
+        raise SystemExit(code)
     print(f"=== {title}: {time.perf_counter() - start:.0f} s", flush=True)
 
 
+@cli.main
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--experiment", default="demo_1mem", help="configs/experiment/NAME.yaml")

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from pkm_lm.errors import invalid
 from pkm_lm.memory import sparse_rows
 from pkm_lm.memory.values import touched_rows
 
@@ -53,9 +54,11 @@ def resolve_device(choice: str, local_rank: int = 0) -> torch.device:
         return torch.device("cpu")
     if not torch.cuda.is_available():
         build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise ValueError(
-            f"train.device=cuda but no CUDA device is usable (torch {torch.__version__}, {build}); "
-            "use train.device=cpu or train.device=auto"
+        raise invalid(
+            "train.device",
+            choice,
+            f"no CUDA device is usable (torch {torch.__version__}, {build}); "
+            "use train.device=cpu or train.device=auto",
         )
     return torch.device("cuda", local_rank % torch.cuda.device_count())
 
@@ -71,8 +74,8 @@ def init_distributed(backend: str | None = None, device: str = "auto") -> DistEn
     if world_size > 1 and not dist.is_initialized():
         backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
         if backend == "nccl" and dev.type != "cuda":
-            raise ValueError(
-                "distributed.backend=nccl needs CUDA devices; use distributed.backend=gloo on CPU"
+            raise invalid(
+                "distributed.backend", backend, "needs CUDA devices; use distributed.backend=gloo"
             )
         dist.init_process_group(
             backend=backend,

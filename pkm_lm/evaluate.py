@@ -11,12 +11,12 @@ from __future__ import annotations
 import math
 import time
 
-import hydra
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
+from pkm_lm import cli
 from pkm_lm.checkpoint import load_run, read_run_config
 from pkm_lm.config import EvaluateConfig, register_configs
 from pkm_lm.data import eval_batches, open_split
@@ -91,7 +91,7 @@ def evaluate_split(
     }
 
 
-@hydra.main(version_base=None, config_path="../configs", config_name="evaluate")
+@cli.hydra_main("evaluate")
 def main(dcfg: DictConfig) -> None:
     ecfg: EvaluateConfig = OmegaConf.to_object(dcfg)
     run_cfg = read_run_config(ecfg.run_dir)

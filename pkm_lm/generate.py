@@ -8,10 +8,10 @@ detokenised back to plain text. Generation starts after a ``</s>``, as every lin
 
 from __future__ import annotations
 
-import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from pkm_lm import cli
 from pkm_lm.checkpoint import load_run, read_run_config
 from pkm_lm.config import GenerateConfig, register_configs
 from pkm_lm.data import Vocabulary
@@ -47,7 +47,7 @@ def sample(
     return context
 
 
-@hydra.main(version_base=None, config_path="../configs", config_name="generate")
+@cli.hydra_main("generate")
 def main(dcfg: DictConfig) -> None:
     gcfg: GenerateConfig = OmegaConf.to_object(dcfg)
     device = resolve_device(gcfg.device or read_run_config(gcfg.run_dir).train.device)

@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from pkm_lm.atomic import atomic_write_text, save_figure
+from pkm_lm.errors import NotInstalledError
 from pkm_lm.memory import MemoryStats
 
 METRICS_FILE = "metrics.jsonl"
@@ -97,7 +98,7 @@ class MetricLogger:
             try:
                 import wandb
             except ImportError as e:
-                raise ImportError(
+                raise NotInstalledError(
                     "logger=wandb needs the wandb package: pip install 'pkm-lm[wandb]'"
                 ) from e
             self.wandb_run = wandb.init(

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import logging
 
-import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from pkm_lm import cli
 from pkm_lm.data.pipeline import PreprocessConfig, preprocess
 
 ConfigStore.instance().store(name="preprocess_schema", node=PreprocessConfig)
 log = logging.getLogger(__name__)
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="preprocess")
+@cli.hydra_main("preprocess")
 def main(dcfg: DictConfig) -> None:
     cfg: PreprocessConfig = OmegaConf.to_object(dcfg)
     manifest = preprocess(cfg)

@@ -8,9 +8,9 @@ Rerunning the same command with the same run_dir resumes (or does nothing if it 
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
+from pkm_lm import cli
 from pkm_lm.config import register_configs, to_train_config
 from pkm_lm.distributed import cleanup_distributed, init_distributed
 from pkm_lm.trainer import Trainer
@@ -18,7 +18,7 @@ from pkm_lm.trainer import Trainer
 register_configs()
 
 
-@hydra.main(version_base=None, config_path="../configs", config_name="train")
+@cli.hydra_main("train")
 def main(dcfg: DictConfig) -> None:
     cfg = to_train_config(dcfg)  # validates every field before any work
     env = init_distributed(cfg.distributed.backend, cfg.train.device)

@@ -32,6 +32,7 @@ from pkm_lm.distributed import (
     synchronize,
     wrap_ddp,
 )
+from pkm_lm.errors import invalid
 from pkm_lm.evaluate import evaluate_split
 from pkm_lm.metrics import (
     MetricLogger,
@@ -138,9 +139,11 @@ class Trainer:
         if model.vocab_size is None:
             model.vocab_size = int(manifest["vocab_size"])
         elif model.vocab_size != manifest["vocab_size"]:
-            raise ValueError(
-                f"model.vocab_size={model.vocab_size} but data.dir={self.cfg.data.dir} has a "
-                f"vocabulary of {manifest['vocab_size']}: unset model.vocab_size"
+            raise invalid(
+                "model.vocab_size",
+                model.vocab_size,
+                f"data.dir={self.cfg.data.dir} has a vocabulary of {manifest['vocab_size']}; "
+                "unset model.vocab_size",
             )
 
     # -- state ------------------------------------------------------------------------------

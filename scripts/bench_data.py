@@ -22,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from pkm_lm import cli
+from pkm_lm.errors import NotFoundError
+
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("moses", "learnbpe", "vocab", "binarize")
 
@@ -136,6 +139,7 @@ def bench_moses(raw: Path, n_bytes: int = 2_000_000) -> list[tuple[str, float]]:
     return rows
 
 
+@cli.main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--raw", default="data/raw/books", help="raw corpus (train/valid/test.txt)")
@@ -152,7 +156,7 @@ def main() -> None:
 
     raw = ROOT / args.raw
     if not (raw / "train.txt").is_file():
-        sys.exit(f"{raw}/train.txt not found: run `make data` first")
+        raise NotFoundError(f"{raw}/train.txt not found: run `make data` first")
     max_bytes = int(args.max_mb * 1e6) if args.max_mb else None
     rows, loader_dir = [], None
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:

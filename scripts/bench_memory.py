@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from pkm_lm import cli
 from pkm_lm.memory import LazyAdam, MemoryConfig, ProductKeyMemory
 
 DIM, BATCH, SEQ, HEADS, KNN, K_DIM = 512, 8, 256, 4, 32, 512
@@ -161,6 +162,7 @@ def rss_table(n: int) -> None:
         )
 
 
+@cli.main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(

@@ -37,6 +37,7 @@ import torch
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
+from pkm_lm import cli  # noqa: E402
 from pkm_lm.atomic import atomic_write_text, save_figure  # noqa: E402
 from pkm_lm.config import (  # noqa: E402
     DataConfig,
@@ -270,6 +271,7 @@ def cpu_model() -> str:
         return platform.processor() or "unknown CPU"
 
 
+@cli.main
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pkm_lm import cli
 from pkm_lm.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, TrainLoopConfig
 from pkm_lm.distributed import DistEnv, resolve_device, synchronize
 from pkm_lm.metrics import memory_stats
@@ -161,6 +162,7 @@ def machine(device: torch.device, threads: int) -> str:
     return line + f"; torch {torch.__version__}"
 
 
+@cli.main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dim", type=int, default=512)

@@ -24,8 +24,10 @@ from pathlib import Path
 import matplotlib
 from omegaconf import OmegaConf
 
+from pkm_lm import cli
 from pkm_lm.atomic import atomic_write_text, save_figure
 from pkm_lm.config import ModelConfig, TrainConfig
+from pkm_lm.errors import NotFoundError
 from pkm_lm.experiments import (
     GROUPS,
     PAPER_TABLE1,
@@ -152,13 +154,11 @@ def seed_index(path: Path) -> int:
 def collect(group: str, runs_dir: Path, scale: str) -> list[Run]:
     """Every run of ``group`` at ``scale`` under ``runs_dir`` that has a config and metrics."""
     if not runs_dir.is_dir():
-        raise FileNotFoundError(
-            f"--runs {runs_dir}: no such directory (run scripts/sweep.sh first)"
-        )
+        raise NotFoundError(f"--runs {runs_dir}: no such directory (run scripts/sweep.sh first)")
     found = (read_experiment(runs_dir / name) for name in experiments(group, scale))
     runs = [r for r in found if r is not None]
     if not runs:
-        raise FileNotFoundError(f"no run of group {group!r} under {runs_dir}")
+        raise NotFoundError(f"no run of group {group!r} under {runs_dir}")
     return sorted(runs, key=sort_key)
 
 
@@ -533,6 +533,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.main
 def main() -> None:
     parser = build_parser()
     args = parser.parse_args()

@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from pkm_lm.config import TrainConfig, register_configs, spread_evenly, to_train_config
+from pkm_lm.errors import ConfigError
 from pkm_lm.model import build_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -118,31 +119,50 @@ def test_defaults_and_resolved_values():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["model.memory.layers=[7]"], "model.memory.layers=[7]"),
+        (["model.memory.layers=[7]"], "model.memory.layers=[7] is invalid: indices [7] out of"),
         (["model.memory.layers=[0]"], "count from 1"),
-        (["model.memory.layers=[2,2]"], "duplicate"),
+        (["model.memory.layers=[2,2]"], "model.memory.layers=[2, 2] is invalid: has duplicate"),
         (["model.memory.layers=[2]", "model.memory.count=1"], "alternatives"),
-        (["model.memory.count=7"], "model.memory.count=7"),
+        (["model.memory.count=7"], "model.memory.count=7 is invalid: exceeds model.n_layers=6"),
         (["model.n_layers=5", "model.memory.count=3"], "cannot be spread evenly"),
-        (["model.memory.position=after"], "model.memory.position='after'"),
-        (["model.n_heads=7"], "model.n_heads=7 must divide model.dim=512"),
-        (["model.norm=mid"], "model.norm='mid'"),
-        (["model.dropout=1.5"], "model.dropout=1.5"),
-        (["model.memory.k_dim=7"], "memory.k_dim=7"),
-        (["model.memory.knn=1000"], "memory.knn=1000"),
-        (["data.seq_len=0"], "data.seq_len=0"),
-        (["model.max_seq_len=100"], "model.max_seq_len=100 < data.seq_len=256"),
-        (["train.precision=fp8"], "train.precision='fp8'"),
-        (["train.batch_size=0"], "train.batch_size=0"),
-        (["optim.value_optimizer=sgd"], "optim.value_optimizer='sgd'"),
+        (
+            ["model.memory.position=after"],
+            "model.memory.position=after is invalid: must be one of replace, add",
+        ),
+        (["model.n_heads=7"], "model.n_heads=7 is invalid: must divide model.dim=512"),
+        (["model.norm=mid"], "model.norm=mid is invalid: must be one of pre, post"),
+        (["model.dropout=1.5"], "model.dropout=1.5 is invalid: must be a probability in [0, 1)"),
+        (["model.memory.k_dim=7"], "model.memory.k_dim=7 is invalid: must be an even integer"),
+        (
+            ["model.memory.knn=1000"],
+            "model.memory.knn=1000 is invalid: must be an integer in [1, model.memory.n_keys=512]",
+        ),
+        (["data.seq_len=0"], "data.seq_len=0 is invalid: must be an integer >= 1"),
+        (
+            ["model.max_seq_len=100"],
+            "model.max_seq_len=100 is invalid: must be >= data.seq_len=256",
+        ),
+        (
+            ["train.precision=fp8"],
+            "train.precision=fp8 is invalid: must be one of fp32, bf16, fp16",
+        ),
+        (["train.batch_size=0"], "train.batch_size=0 is invalid"),
+        (
+            ["optim.value_optimizer=sgd"],
+            "optim.value_optimizer=sgd is invalid: must be one of lazy_adam, adam",
+        ),
         (["optim.value_optimizer=adam"], "model.memory.sparse_grad=false"),
-        (["optim.betas=[0.9]"], "optim.betas=[0.9]"),
-        (["optim.clip_norm=-1"], "optim.clip_norm=-1"),
-        (["distributed.backend=mpi"], "distributed.backend='mpi'"),
+        (["optim.betas=[0.9]"], "optim.betas=[0.9] is invalid"),
+        (["optim.clip_norm=-1"], "optim.clip_norm=-1.0 is invalid"),
+        (
+            ["distributed.backend=mpi"],
+            "distributed.backend=mpi is invalid: must be one of null, gloo, nccl",
+        ),
     ],
 )
-def test_validation_errors_name_the_field(overrides, message):
-    with pytest.raises(ValueError, match=re.escape(message)):
+def test_validation_errors_name_the_key_as_typed(overrides, message):
+    """One wording (``KEY=VALUE is invalid: RULE``) and the key as it is written on the command line."""
+    with pytest.raises(ConfigError, match=re.escape(message)):
         compose_train(overrides)
 
 
@@ -150,9 +170,9 @@ def test_batch_must_split_over_world_size_and_micro_batches():
     t = compose_train(["train.batch_size=8", "train.micro_batch_size=2"]).train
     assert t.micro_steps(1) == (2, 4)
     assert t.micro_steps(2) == (2, 2)
-    with pytest.raises(ValueError, match="train.batch_size=8 cannot be split over 3 processes"):
+    with pytest.raises(ConfigError, match="train.batch_size=8 is invalid: cannot be split over 3"):
         t.micro_steps(3)
-    with pytest.raises(ValueError, match="train.micro_batch_size=3 must divide"):
+    with pytest.raises(ConfigError, match="train.micro_batch_size=3 is invalid: must divide"):
         compose_train(["train.batch_size=8", "train.micro_batch_size=3"]).train.micro_steps(1)
 
 

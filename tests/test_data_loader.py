@@ -70,9 +70,13 @@ def test_dtype_roundtrip(tmp_path, dtype):
 def test_dtype_overflow():
     assert dtype_for_vocab(65536) == "uint16"
     assert dtype_for_vocab(65537) == "uint32"
-    with pytest.raises(ValueError, match="overflows dtype='uint16'"):
+    with pytest.raises(
+        ValueError, match="dtype=uint16 is invalid: a vocabulary of 70000 tokens overflows"
+    ):
         dtype_for_vocab(70000, "uint16")
-    with pytest.raises(ValueError, match="dtype='int8'"):
+    with pytest.raises(
+        ValueError, match="dtype=int8 is invalid: must be one of auto, uint16, uint32"
+    ):
         dtype_for_vocab(10, "int8")
     writer = ShardWriter("/tmp/unused-overflow.bin", "uint16")
     with pytest.raises(ValueError, match="out of range"):

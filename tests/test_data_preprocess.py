@@ -227,11 +227,13 @@ def test_missing_fast_tool_names_make_setup(tmp_path, monkeypatch):
 
 
 def test_config_validation():
-    with pytest.raises(ValueError, match="tokenizer='bpe' is not allowed"):
+    with pytest.raises(
+        ValueError, match="tokenizer=bpe is invalid: must be one of fastbpe, sentencepiece"
+    ):
         PreprocessConfig(tokenizer="bpe")
-    with pytest.raises(ValueError, match="sentencepiece.model_type='char'"):
+    with pytest.raises(ValueError, match="sentencepiece.model_type=char is invalid"):
         PreprocessConfig(sentencepiece=SentencePieceConfig(model_type="char"))
-    with pytest.raises(ValueError, match="dtype='int16'"):
+    with pytest.raises(ValueError, match="dtype=int16 is invalid"):
         PreprocessConfig(dtype="int16")
     with pytest.raises(ValueError, match="bpe.n_codes=0"):
         PreprocessConfig(bpe=BPEConfig(n_codes=0))
@@ -240,7 +242,9 @@ def test_config_validation():
 
 
 def test_forced_dtype_overflow_is_an_error(tmp_path):
-    with pytest.raises(ValueError, match="overflows dtype='uint16'"):
+    with pytest.raises(
+        ValueError, match="dtype=uint16 is invalid: a vocabulary of .* tokens overflows it"
+    ):
         preprocess(config(RAW, tmp_path / "bin", tokenizer="sentencepiece", dtype="uint16",
                           sentencepiece=SentencePieceConfig(vocab_size=70000)))  # fmt: skip
 

@@ -13,16 +13,16 @@ from pkm_lm.memory import LazyAdam, MemoryConfig, config
     [
         (dict(n_keys=1), "n_keys", ">= 2"),
         (dict(heads=0), "heads", ">= 1"),
-        (dict(n_keys=8, knn=9), "knn", "[1, n_keys=8]"),
-        (dict(knn=0), "knn", "[1, n_keys"),
+        (dict(n_keys=8, knn=9), "knn", "[1, memory.n_keys=8]"),
+        (dict(knn=0), "knn", "[1, memory.n_keys"),
         (dict(k_dim=7), "k_dim", "even"),
         (dict(v_dim=0), "v_dim", ">= 1"),
-        (dict(keys="hash"), "keys", "'product', 'flat'"),
-        (dict(query_net="cnn"), "query_net", "'linear', 'mlp'"),
+        (dict(keys="hash"), "keys", "product, flat"),
+        (dict(query_net="cnn"), "query_net", "linear, mlp"),
         (dict(input_dropout=1.0), "input_dropout", "[0, 1)"),
         (dict(query_dropout=-0.1), "query_dropout", "[0, 1)"),
         (dict(value_dropout=2), "value_dropout", "[0, 1)"),
-        (dict(kernel="cuda"), "kernel", "'torch', 'triton', 'auto'"),
+        (dict(kernel="cuda"), "kernel", "torch, triton, auto"),
     ],
 )
 def test_invalid_values_name_the_field(kwargs, field, allowed):
@@ -43,7 +43,9 @@ def test_triton_kernel_without_triton_says_how_to_install(monkeypatch):
     monkeypatch.setattr(
         importlib.util, "find_spec", lambda name: None if name == "triton" else real_find_spec(name)
     )
-    with pytest.raises(ValueError, match=r"memory.kernel='triton' needs .*pip install triton"):
+    with pytest.raises(
+        ValueError, match=r"memory.kernel=triton is invalid: needs .*pip install triton"
+    ):
         MemoryConfig(kernel="triton")
 
 

@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pkm_lm.atomic import atomic_write_bytes
+from pkm_lm.errors import DataError, NotFoundError, invalid
 
 BPE_SUFFIX = "@@"
 
@@ -27,7 +28,7 @@ def find_fast_binary() -> Path:
     if env:
         path = Path(env)
         if not (path.is_file() and os.access(path, os.X_OK)):
-            raise FileNotFoundError(f"PKM_FASTBPE={env} is not an executable file")
+            raise NotFoundError(f"PKM_FASTBPE={env} is not an executable file")
         return path
     beside = Path(sys.executable).parent / "fast"
     if beside.is_file() and os.access(beside, os.X_OK):
@@ -35,7 +36,7 @@ def find_fast_binary() -> Path:
     on_path = shutil.which("fast")
     if on_path:
         return Path(on_path)
-    raise FileNotFoundError(
+    raise NotFoundError(
         f"fastBPE's `fast` tool was not found (looked at $PKM_FASTBPE, {beside} and PATH); "
         "run `make setup`, which builds it into .venv/bin/fast"
     )
@@ -45,11 +46,11 @@ def check_readable(path: str | os.PathLike, what: str) -> Path:
     """Raise a clear error unless `path` is a non-empty readable file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
+        raise NotFoundError(f"{what} {path} does not exist")
     if not os.access(path, os.R_OK):
-        raise PermissionError(f"{what} {path} is not readable")
+        raise DataError(f"{what} {path} is not readable")
     if path.stat().st_size == 0:
-        raise ValueError(f"{what} {path} is empty")
+        raise DataError(f"{what} {path} is empty")
     return path
 
 
@@ -66,7 +67,7 @@ def learn_codes(
     memory would grow with the corpus.
     """
     if n_codes < 1:
-        raise ValueError(f"bpe.n_codes={n_codes} must be >= 1")
+        raise invalid("bpe.n_codes", n_codes, "must be an integer >= 1")
     check_readable(text_path, "BPE training text")
     cmd = [str(find_fast_binary()), "learnbpe", str(n_codes), "-"]
     codes_path = Path(codes_path)

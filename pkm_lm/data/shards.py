@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pkm_lm.errors import DataError, check_choice, invalid
+
 MAGIC = b"PKMTOKS\0"
 FORMAT_VERSION = 1
 HEADER = struct.Struct("<8sIIQI36x")
@@ -31,7 +33,7 @@ DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 _CRC_BLOCK = 1 << 24  # bytes hashed per step when verifying, to keep memory flat
 
 
-class ShardError(ValueError):
+class ShardError(DataError):
     """A shard file is missing, truncated, corrupted or of an unknown format."""
 
 
@@ -39,13 +41,14 @@ def dtype_for_vocab(vocab_size: int, dtype: str = "auto") -> str:
     """The smallest id dtype for `vocab_size` ("auto"), or check that the requested one fits."""
     if dtype == "auto":
         return "uint16" if vocab_size <= 1 << 16 else "uint32"
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype={dtype!r} is not allowed: use 'auto', 'uint16' or 'uint32'")
+    check_choice("dtype", dtype, ("auto", *DTYPES))
     limit = np.iinfo(DTYPES[dtype]).max + 1
     if vocab_size > limit:
-        raise ValueError(
-            f"a vocabulary of {vocab_size} tokens overflows dtype={dtype!r} (at most {limit} ids); "
-            "use dtype=uint32 or dtype=auto"
+        raise invalid(
+            "dtype",
+            dtype,
+            f"a vocabulary of {vocab_size} tokens overflows it (at most {limit} ids); "
+            "use dtype=uint32 or dtype=auto",
         )
     return dtype
 

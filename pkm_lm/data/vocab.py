@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from pkm_lm.errors import NotFoundError
+
 from . import moses
 from .bpe import BPEApplier, join_bpe, read_vocab
 from .manifest import SPECIAL, load_manifest
@@ -111,5 +113,5 @@ def _sentencepiece(model_path: Path):
     import sentencepiece as spm
 
     if not Path(model_path).is_file():
-        raise FileNotFoundError(f"sentencepiece model {model_path} does not exist")
+        raise NotFoundError(f"sentencepiece model {model_path} does not exist")
     return spm.SentencePieceProcessor(model_file=str(model_path))

@@ -5,6 +5,9 @@ from __future__ import annotations
 import functools
 import importlib.util
 from dataclasses import dataclass
+from typing import ClassVar
+
+from pkm_lm.errors import check_choice, check_probability, invalid, require
 
 KEY_TYPES = ("product", "flat")
 QUERY_NETS = ("linear", "mlp")
@@ -21,11 +24,6 @@ def pick_kernel(kernel: str, device) -> str:
     if kernel != "auto":
         return kernel
     return "triton" if device.type == "cuda" and triton_installed() else "torch"
-
-
-def _require(ok: bool, field: str, value, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"memory.{field}={value!r} is invalid: {allowed}")
 
 
 @dataclass
@@ -49,48 +47,53 @@ class MemoryConfig:
     # CUDA) | "auto" (triton on CUDA when it is installed, torch elsewhere)
     kernel: str = "torch"
 
+    # Errors name a field as `KEY_PREFIX + field`; the trainer's schema sets "model.memory.".
+    KEY_PREFIX: ClassVar[str] = "memory."
+
     def __post_init__(self) -> None:
-        _require(
+        key = self.KEY_PREFIX
+        require(
             isinstance(self.n_keys, int) and self.n_keys >= 2,
-            "n_keys",
+            key + "n_keys",
             self.n_keys,
-            "an integer >= 2 (the memory has n_keys**2 slots)",
+            "must be an integer >= 2 (the memory has n_keys**2 slots)",
         )
-        _require(
-            isinstance(self.heads, int) and self.heads >= 1, "heads", self.heads, "an integer >= 1"
+        require(
+            isinstance(self.heads, int) and self.heads >= 1,
+            key + "heads",
+            self.heads,
+            "must be an integer >= 1",
         )
-        _require(
+        require(
             isinstance(self.knn, int) and 1 <= self.knn <= self.n_keys,
-            "knn",
+            key + "knn",
             self.knn,
-            f"an integer in [1, n_keys={self.n_keys}]",
+            f"must be an integer in [1, {key}n_keys={self.n_keys}]",
         )
-        _require(
+        require(
             isinstance(self.k_dim, int) and self.k_dim >= 2 and self.k_dim % 2 == 0,
-            "k_dim",
+            key + "k_dim",
             self.k_dim,
-            "an even integer >= 2 (it is split into two halves)",
+            "must be an even integer >= 2 (it is split into two halves)",
         )
-        _require(
+        require(
             self.v_dim is None or (isinstance(self.v_dim, int) and self.v_dim >= 1),
-            "v_dim",
+            key + "v_dim",
             self.v_dim,
-            "None (= output dim) or an integer >= 1",
+            "must be null (= the output dim) or an integer >= 1",
         )
-        _require(self.keys in KEY_TYPES, "keys", self.keys, f"one of {KEY_TYPES}")
-        _require(self.query_net in QUERY_NETS, "query_net", self.query_net, f"one of {QUERY_NETS}")
-        _require(self.kernel in KERNELS, "kernel", self.kernel, f"one of {KERNELS}")
+        check_choice(key + "keys", self.keys, KEY_TYPES)
+        check_choice(key + "query_net", self.query_net, QUERY_NETS)
+        check_choice(key + "kernel", self.kernel, KERNELS)
         if self.kernel == "triton" and importlib.util.find_spec("triton") is None:
-            raise ValueError(
-                "memory.kernel='triton' needs the triton package, which is not installed: "
-                "`pip install triton` (Linux; CUDA builds of torch bring it), or use "
-                "memory.kernel='torch'"
+            raise invalid(
+                key + "kernel",
+                self.kernel,
+                "needs the triton package, which is not installed: `pip install triton` "
+                f"(Linux; CUDA builds of torch bring it), or use {key}kernel=torch",
             )
         for name in ("input_dropout", "query_dropout", "value_dropout"):
-            p = getattr(self, name)
-            _require(
-                isinstance(p, (int, float)) and 0.0 <= p < 1.0, name, p, "a probability in [0, 1)"
-            )
+            check_probability(key + name, getattr(self, name))
 
     @property
     def n_slots(self) -> int:
