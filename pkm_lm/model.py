@@ -7,12 +7,25 @@ config count from 1, as the paper's wording; ``TransformerLM.memories`` is keyed
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from pkm_lm.config import ModelConfig
+from pkm_lm.errors import DataError, NotFoundError
 from pkm_lm.memory import ProductKeyMemory
+
+# The files of an exported model (pkm_lm/export.py), beside its tokenizer.
+WEIGHTS = "model.safetensors"
+CONFIG_JSON = "config.json"
 
 
 class CausalSelfAttention(nn.Module):
@@ -110,6 +123,39 @@ class TransformerLM(nn.Module):
             x = block(x)
         return F.linear(self.final_norm(x), self.tok_emb.weight)
 
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> TransformerLM:
+        """The model of an export folder (``python -m pkm_lm.export``), in eval mode on ``device``.
+
+        Weights exported in bf16 are cast to ``dtype`` (fp32 by default).
+        """
+        folder = Path(path)
+        for name in (CONFIG_JSON, WEIGHTS):
+            if not (folder / name).is_file():
+                raise NotFoundError(f"{folder / name} not found: is {folder} an exported model?")
+        try:
+            config = json.loads((folder / CONFIG_JSON).read_text(encoding="utf-8"))
+            cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), config))
+        except (ValueError, OmegaConfBaseException) as e:  # bad JSON, or a field the schema rejects
+            raise DataError(f"{folder / CONFIG_JSON} is not a valid model config: {e}") from e
+        try:
+            tensors = load_file(folder / WEIGHTS)
+        except SafetensorError as e:
+            raise DataError(
+                f"{folder / WEIGHTS} is not a complete safetensors file ({e}); export it again"
+            ) from e
+        problems = _mismatches(build_model(cfg, "meta").state_dict(), tensors)
+        if problems:
+            raise DataError(f"{folder / WEIGHTS} does not fit {folder / CONFIG_JSON}: {problems}")
+        model = build_model(cfg, device)
+        model.load_state_dict(tensors)
+        return model.to(dtype=dtype).eval()
+
     def value_parameters(self) -> list[nn.Parameter]:
         """The memories' value tables: the parameters of the value optimiser."""
         return [mem.values.weight for mem in self.memories.values()]
@@ -131,6 +177,27 @@ class TransformerLM(nn.Module):
                 nn.init.normal_(module.weight, std=self.cfg.dim**-0.5)
             elif isinstance(module, (nn.Linear, nn.LayerNorm, nn.BatchNorm1d)):
                 module.reset_parameters()
+
+
+def _mismatches(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> str:
+    """What keeps ``found`` from loading into a model whose state dict is ``expected``."""
+
+    def first(names: list[str]) -> str:
+        return ", ".join(names[:3]) + (f" (and {len(names) - 3} more)" if len(names) > 3 else "")
+
+    missing = [k for k in expected if k not in found]
+    unexpected = [k for k in found if k not in expected]
+    shapes = [
+        f"{k} {tuple(found[k].shape)} instead of {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in found and found[k].shape != v.shape
+    ]
+    parts = [
+        f"{what} {first(names)}"
+        for what, names in (("missing", missing), ("unexpected", unexpected), ("shape", shapes))
+        if names
+    ]
+    return "; ".join(parts)
 
 
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> TransformerLM:

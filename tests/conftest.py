@@ -21,3 +21,18 @@ def ids_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("ids")
     write_zipf_ids(out, vocab_size=500, train_tokens=50_000)
     return out
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory) -> Path:
+    """A small text dataset (fastBPE, 60 codes) made by the real preprocessing from Zipf text
+    with bigram structure, for tests that need a tokenizer; tests must not write into it."""
+    from pkm_lm.data.pipeline import BPEConfig, PreprocessConfig, preprocess
+    from pkm_lm.data.synthetic import write_zipf_corpus
+
+    raw = tmp_path_factory.mktemp("corpus_raw")
+    write_zipf_corpus(raw, train_words=6000, heldout_words=600)
+    out = tmp_path_factory.mktemp("corpus_bin")
+    cfg = PreprocessConfig(raw_dir=str(raw), out_dir=str(out), workers=1, bpe=BPEConfig(n_codes=60))
+    preprocess(cfg)
+    return out

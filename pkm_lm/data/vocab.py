@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from pkm_lm.errors import NotFoundError
 from . import moses
 from .bpe import BPEApplier, join_bpe, read_vocab
 from .manifest import SPECIAL, load_manifest
+
+TOKENIZER_JSON = "tokenizer.json"  # an exported model's stand-in for dataset.json
 
 
 class Vocabulary:
@@ -38,7 +41,13 @@ class Vocabulary:
 
     @classmethod
     def load(cls, data_dir: str | os.PathLike) -> Vocabulary:
-        manifest = load_manifest(data_dir)
+        """The vocabulary of a preprocessed dataset directory, or of an exported model folder
+        (``python -m pkm_lm.export``), whose ``tokenizer.json`` replaces the dataset manifest."""
+        exported = Path(data_dir) / TOKENIZER_JSON
+        if exported.is_file():
+            manifest = json.loads(exported.read_text(encoding="utf-8"))
+        else:
+            manifest = load_manifest(data_dir)
         files = {k: Path(data_dir) / v for k, v in manifest["files"].items()}
         tokenizer = manifest["tokenizer"]
         if tokenizer == "fastbpe":
@@ -51,6 +60,15 @@ class Vocabulary:
                 f"{data_dir}: vocabulary has {len(itos)} tokens, manifest says {manifest['vocab_size']}"
             )
         return cls(itos, tokenizer, files, manifest["settings"].get("lang", "en"))
+
+    def tokenizer_info(self) -> dict:
+        """What ``tokenizer.json`` holds: enough for ``load`` beside copies of ``files``."""
+        return {
+            "tokenizer": self.tokenizer,
+            "files": {k: p.name for k, p in self.files.items()},
+            "vocab_size": len(self.itos),
+            "settings": {"lang": self.lang},
+        }
 
     def __len__(self) -> int:
         return len(self.itos)

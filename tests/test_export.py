@@ -1,0 +1,112 @@
+"""python -m pkm_lm.export: the exported folder gives the checkpoint's logits, alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from pkm_lm.checkpoint import load_run
+from pkm_lm.data import Vocabulary
+from pkm_lm.errors import DataError, NotFoundError
+from pkm_lm.model import TransformerLM
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+@pytest.fixture(scope="module")
+def run_dir(corpus, tmp_path_factory) -> Path:
+    """A run with a memory (query BatchNorm statistics included) trained for a few steps."""
+    out = tmp_path_factory.mktemp("export_run")
+    run(
+        "-m", "pkm_lm.train", f"run_dir={out}", f"data.dir={corpus}", "data.seq_len=16",
+        "model.n_layers=2", "model.dim=32", "model.n_heads=2", "model.memory.layers=[2]",
+        "model.memory.n_keys=8", "model.memory.heads=2", "model.memory.knn=4",
+        "model.memory.k_dim=16", "train.batch_size=4", "train.max_steps=4",
+        "train.eval_interval=4", "train.checkpoint_interval=4",
+    )  # fmt: skip
+    return out
+
+
+def checkpoint_logits(run_dir: Path, ids: torch.Tensor, dtype: torch.dtype = torch.float32):
+    model, _, _ = load_run(run_dir, torch.device("cpu"))
+    with torch.no_grad():
+        for t in model.state_dict().values():
+            if t.is_floating_point():
+                t.copy_(t.to(dtype))  # the rounding an export in `dtype` applies
+        return model.eval()(ids)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "torch_dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16)]
+)
+def test_exported_model_gives_the_checkpoint_logits(run_dir, corpus, tmp_path, dtype, torch_dtype):
+    out = tmp_path / "export"
+    run("-m", "pkm_lm.export", f"run_dir={run_dir}", f"out_dir={out}", f"dtype={dtype}")
+    assert sorted(p.name for p in out.iterdir()) == [
+        "codes", "config.json", "model.safetensors", "tokenizer.json", "vocab.txt",
+    ]  # fmt: skip
+    model = TransformerLM.from_pretrained(out)
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    ids = torch.randint(
+        0, model.cfg.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0)
+    )
+    with torch.no_grad():
+        logits = model(ids)
+    assert torch.equal(logits, checkpoint_logits(run_dir, ids, torch_dtype))
+
+    text = "the export keeps its tokenizer"
+    assert Vocabulary.load(out).encode(text) == Vocabulary.load(corpus).encode(text)
+    assert Vocabulary.load(out).itos == Vocabulary.load(corpus).itos
+
+
+def test_truncated_or_mismatched_weights_are_clear_errors(run_dir, tmp_path):
+    out = tmp_path / "export"
+    run("-m", "pkm_lm.export", f"run_dir={run_dir}", f"out_dir={out}")
+    weights = out / "model.safetensors"
+    data = weights.read_bytes()
+
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="model.safetensors is not a complete safetensors file"):
+        TransformerLM.from_pretrained(out)
+
+    weights.write_bytes(data)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**config, "dim": 64}))
+    with pytest.raises(
+        DataError,
+        match=r"does not fit .*config.json: shape tok_emb.weight \(\d+, 32\) instead of \(\d+, 64\)",
+    ):
+        TransformerLM.from_pretrained(out)
+
+    (out / "config.json").write_text(json.dumps({**config, "n_layers": 3}))
+    with pytest.raises(DataError, match="config.json: missing blocks.2.attn.fn.qkv.weight"):
+        TransformerLM.from_pretrained(out)
+
+    shutil.rmtree(out)
+    with pytest.raises(NotFoundError, match="is .* an exported model"):
+        TransformerLM.from_pretrained(out)
+
+
+def test_export_command_errors(run_dir, tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "pkm_lm.export", f"run_dir={run_dir}", f"out_dir={tmp_path}", "dtype=fp16"],
+        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr == "error: dtype=fp16 is invalid: must be one of fp32, bf16\n"
