@@ -180,7 +180,7 @@ def test_shrunk_scales_keep_the_paper_structure(composed, scale):
 
 
 def test_paper_settings(composed):
-    """Table 1 cells at the paper's settings (SPEC section 3): only depth, width, count vary."""
+    """Table 1 cells at the paper's settings (the paper's section 4.3): only depth, width, count vary."""
     for name, cfg in composed["paper"]["table1"].items():
         layers, mems = int(name.split("L_")[0]), int(name.split("_")[1][0])
         assert (cfg.model.n_layers, len(cfg.model.memory_layers)) == (layers, mems), name
