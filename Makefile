@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.setup-done
 FASTBPE_VERSION := 0.1.0
 
-.PHONY: setup test lint data demo bench-memory bench-data bench-train bench-speed gpu-check wheelhouse clean
+.PHONY: setup test lint data demo bench-memory bench-kernels bench-data bench-train bench-speed gpu-check wheelhouse clean
 
 setup: $(STAMP)
 
@@ -52,6 +52,10 @@ demo: data
 
 bench-memory: setup
 	$(BIN)/python scripts/bench_memory.py
+
+# Triton kernels vs the torch path on one GPU (about a minute; needs CUDA).
+bench-kernels: setup
+	$(BIN)/python scripts/bench_kernels.py
 
 bench-data: data
 	$(BIN)/python scripts/bench_data.py
