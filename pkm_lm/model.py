@@ -16,8 +16,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 from pkm_lm.config import ModelConfig
 from pkm_lm.errors import DataError, NotFoundError
@@ -143,6 +141,10 @@ class TransformerLM(nn.Module):
             cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), config))
         except (ValueError, OmegaConfBaseException) as e:  # bad JSON, or a field the schema rejects
             raise DataError(f"{folder / CONFIG_JSON} is not a valid model config: {e}") from e
+        # Imported here: only exported models need safetensors, training and evaluation do not.
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
         try:
             tensors = load_file(folder / WEIGHTS)
         except SafetensorError as e:
