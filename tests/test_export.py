@@ -30,16 +30,11 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def run_dir(corpus, tmp_path_factory) -> Path:
+def run_dir(tiny_model_args, tmp_path_factory) -> Path:
     """A run with a memory (query BatchNorm statistics included) trained for a few steps."""
     out = tmp_path_factory.mktemp("export_run")
-    run(
-        "-m", "pkm_lm.train", f"run_dir={out}", f"data.dir={corpus}", "data.seq_len=16",
-        "model.n_layers=2", "model.dim=32", "model.n_heads=2", "model.memory.layers=[2]",
-        "model.memory.n_keys=8", "model.memory.heads=2", "model.memory.knn=4",
-        "model.memory.k_dim=16", "train.batch_size=4", "train.max_steps=4",
-        "train.eval_interval=4", "train.checkpoint_interval=4",
-    )  # fmt: skip
+    steps = ["train.max_steps=4", "train.eval_interval=4", "train.checkpoint_interval=4"]
+    run("-m", "pkm_lm.train", f"run_dir={out}", *tiny_model_args, *steps)
     return out
 
 

@@ -14,13 +14,10 @@ from pkm_lm.metrics import read_metrics
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_two_job_multirun_gives_each_job_its_run_dir(corpus, tmp_path):
+def test_two_job_multirun_gives_each_job_its_run_dir(tiny_model_args, tmp_path):
     sweep_dir = tmp_path / "sweep"
     args = [
-        "-m", f"run_dir={sweep_dir}", f"data.dir={corpus}", "data.seq_len=16",
-        "model.n_layers=2", "model.dim=32", "model.n_heads=2", "model.memory.layers=[2]",
-        "model.memory.n_keys=8", "model.memory.heads=2", "model.memory.knn=4",
-        "model.memory.k_dim=16", "train.batch_size=4", "train.max_steps=3",
+        "-m", f"run_dir={sweep_dir}", *tiny_model_args, "train.max_steps=3",
         "train.log_interval=1", "train.eval_interval=3", "train.checkpoint_interval=3",
         "train.seed=0,1",
     ]  # fmt: skip
