@@ -14,7 +14,7 @@ import pytest
 from pkm_lm.data import Vocabulary, load_manifest, moses, open_split
 from pkm_lm.data import bpe as bpe_mod
 from pkm_lm.data.pipeline import BPEConfig, PreprocessConfig, SentencePieceConfig, preprocess
-from pkm_lm.data.textio import decode_utf8, read_chunks
+from pkm_lm.data.textio import decode_utf8
 
 RAW = Path(__file__).parent / "fixtures" / "data" / "raw"
 REPO = Path(__file__).resolve().parents[1]
@@ -169,14 +169,6 @@ def test_non_utf8_bytes_are_replaced_and_counted(tmp_path):
     assert decode_utf8(b"a\xffb") == ("a\ufffdb", 1)
 
 
-def test_chunks_never_split_lines(tmp_path):
-    path = tmp_path / "t.txt"
-    path.write_bytes("é".encode() * 3000 + b"\nshort\n" + "ü".encode() * 10)
-    chunks = list(read_chunks(path, chunk_bytes=1001))
-    assert [line for c in chunks for line in c.lines] == ["é" * 3000, "short", "ü" * 10]
-    assert sum(c.n_bytes for c in chunks) == path.stat().st_size
-
-
 @pytest.mark.parametrize("problem", ["missing", "empty", "blank"])
 def test_bad_raw_files(tmp_path, problem):
     raw = tmp_path / "raw"
@@ -200,30 +192,6 @@ def test_out_dir_must_not_be_in_raw_dir(tmp_path):
     for out in (raw, raw / "bin", raw / "." / "deeper" / ".."):
         with pytest.raises(ValueError, match="must not be raw_dir"):
             preprocess(config(raw, out))
-
-
-def test_codes_file_checked_before_fastbpe(tmp_path):
-    """fastBPE exit(1)s on a bad path; we must raise instead (this test would die otherwise)."""
-    with pytest.raises(FileNotFoundError, match="BPE codes file .*nope does not exist"):
-        bpe_mod.BPEApplier(tmp_path / "nope")
-    (tmp_path / "empty").write_text("")
-    with pytest.raises(ValueError, match="BPE codes file .*empty is empty"):
-        bpe_mod.BPEApplier(tmp_path / "empty")
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        bpe_mod.BPEApplier(tmp_path)  # a directory is not a codes file
-    with pytest.raises(FileNotFoundError, match="BPE training text"):
-        bpe_mod.learn_codes(tmp_path / "nope.tok", tmp_path / "codes", 10)
-
-
-def test_missing_fast_tool_names_make_setup(tmp_path, monkeypatch):
-    monkeypatch.setenv("PKM_FASTBPE", str(tmp_path / "fast"))
-    with pytest.raises(FileNotFoundError, match="PKM_FASTBPE"):
-        bpe_mod.find_fast_binary()
-    monkeypatch.delenv("PKM_FASTBPE")
-    monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
-    monkeypatch.setenv("PATH", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="make setup"):
-        bpe_mod.find_fast_binary()
 
 
 def test_config_validation():
@@ -300,59 +268,3 @@ def test_killed_run_leaves_no_complete_looking_shard(tmp_path, monkeypatch):
     preprocess(config(RAW, out, shard_tokens=1 << 20))
     assert len(open_split(out, "train")) > 0
     assert not [p for p in os.listdir(out) if "tmp" in p]
-
-
-def test_moses_matches_sacremoses():
-    """Our faster normaliser and tokenizer must not change a single character."""
-    from sacremoses import MosesPunctNormalizer, MosesTokenizer
-
-    tokenizer = MosesTokenizer(lang="en")
-    normalizer = MosesPunctNormalizer(
-        "en", pre_replace_unicode_punct=True, post_remove_control_chars=True
-    )
-    lines = (RAW / "train.txt").read_text(encoding="utf-8").split("\n")
-    lines += [
-        "Mr. Smith met Dr. Who at No. 5 and no. 6, e.g. here. Then U.S.A. Ltd. left.",
-        "A. b. \u00c9COLE. \u00e9tude. No. 5, No. five, pp. 12 pp. x Art. 3. art. IV. Nos. 7 .. ... x. .",
-        'He said. "Yes." (Really.) Mrs. S. Jones Jr. and Co. Inc. 3.14. \u00c0. \u00e0. \u0661. Mr.',
-        "\u00abGuillemets\u00bb \u201equotes\u201f \u2039x\u203a 1,5 % \u200bzero\u00a0width \x07bell 10 000",
-    ]
-    for line in lines:
-        text = normalizer.normalize(line)
-        assert moses.normalize_line(line) == text
-        assert (
-            moses.tokenize_line(line)
-            == tokenizer.tokenize(text, escape=False, return_str=True).strip()
-        )
-
-
-def test_learnbpe_failure_is_reported(tmp_path, monkeypatch):
-    tool = tmp_path / "fast"
-    tool.write_text("#!/bin/sh\necho 'out of cheese' >&2\nexit 3\n")
-    tool.chmod(0o755)
-    monkeypatch.setenv("PKM_FASTBPE", str(tool))
-    text = tmp_path / "train.tok"
-    text.write_text("a b c\n" * 300_000)  # more than a pipe holds: the tool dies mid-write
-    with pytest.raises(RuntimeError, match=r"failed \(3\): out of cheese"):
-        bpe_mod.learn_codes(text, tmp_path / "codes", 10)
-    assert not (tmp_path / "codes").exists() and not list(tmp_path.glob(".codes*"))
-
-
-def _slow_square(x):
-    import time
-
-    time.sleep(0.02 * (x % 3))  # later items often finish first
-    if x == 13:
-        raise ZeroDivisionError("item 13")
-    return x * x
-
-
-@pytest.mark.parametrize("workers", [1, 2])
-def test_ordered_map_keeps_order_and_raises(workers):
-    from pkm_lm.data.textio import ordered_map
-
-    assert list(ordered_map(_slow_square, range(12), workers)) == [(i, i * i) for i in range(12)]
-    with pytest.raises(ZeroDivisionError, match="item 13"):
-        list(ordered_map(_slow_square, range(20), workers))
-    with pytest.raises(ValueError, match="workers=0"):
-        list(ordered_map(_slow_square, range(3), 0))
