@@ -2,6 +2,7 @@
 relative link in README.md and docs/ points at a file (and heading) that exists."""
 
 import re
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
@@ -49,6 +50,20 @@ def test_relative_links_resolve(page):
         elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
             broken.append(target)
     assert not broken, f"{page.relative_to(ROOT)}: broken links {broken}"
+
+
+def test_readme_tour_names_every_module_and_script():
+    """A newcomer finds any piece of the system from the README's tour (globs like bench_*.py
+    count for what they match)."""
+    tour = README.read_text().split("## Where things are", 1)[1].split("\n## ", 1)[0]
+    patterns = set(re.findall(r"[\w*]+\.(?:py|sh)", tour))
+    files = [*ROOT.glob("pkm_lm/**/*.py"), *ROOT.glob("scripts/*")]
+    missing = [
+        f.relative_to(ROOT).as_posix()
+        for f in files
+        if f.name != "__init__.py" and not any(fnmatch(f.name, p) for p in patterns)
+    ]
+    assert not missing, f"not in the README's tour: {missing}"
 
 
 def test_anchor_rule():
