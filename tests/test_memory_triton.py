@@ -1,11 +1,10 @@
 """Triton value-bag kernels against the torch path: forward, weight and table gradients.
 
-Without CUDA the kernels run on CPU tensors in Triton's interpreter: TRITON_INTERPRET=1 is set
-below before triton is first imported (triton reads it then); with CUDA the same cases run
-compiled on the GPU (marked ``gpu``) and the interpreter stays off.
+Without CUDA the kernels run on CPU tensors in Triton's interpreter (tests/conftest.py sets
+TRITON_INTERPRET=1 before triton is first imported, which is when triton reads it); with CUDA
+the same cases run compiled on the GPU (marked ``gpu``) and the interpreter stays off.
 """
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,18 +13,13 @@ import pytest
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA and "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"  # inherited by the benchmark's subprocess too
-
 pytest.importorskip("triton", reason="triton is not installed (`pip install triton`, Linux only)")
 
 from pkm_lm.memory import LazyAdam, MemoryConfig, ProductKeyMemory, triton_bag  # noqa: E402
 from pkm_lm.memory.select import candidate_pairs, product_topk  # noqa: E402
 from pkm_lm.memory.values import value_bag  # noqa: E402
 
-assert HAS_CUDA or triton_bag.INTERPRETED, (
-    "triton was imported before TRITON_INTERPRET=1 could be set: run this file on its own"
-)
+assert HAS_CUDA or triton_bag.INTERPRETED, "tests/conftest.py sets TRITON_INTERPRET=1 without CUDA"
 
 DEVICES = [
     pytest.param(
