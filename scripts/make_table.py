@@ -258,7 +258,9 @@ def details_table(runs: list[Run]) -> list[str]:
     for r in runs:
         train = [s.train for s in r.seeds if s.train]
         train_speed = statistics.fmean(t["tokens_per_s"] for t in train) if train else None
-        tokens = max((t["tokens"] for t in train), default=None)
+        # Tokens at the test evaluation; an unfinished run shows how far it has trained.
+        tested = [s.test["tokens"] for s in r.done]
+        tokens = max(tested) if tested else max((t["tokens"] for t in train), default=None)
         vs_best = "-" if not r.done or r is best else fmt_gap(r, best)
         lines.append(
             f"| {r.name} | {describe(r)} | {fmt_ppl(r) if r.done else '-'} | {vs_best} "
@@ -405,7 +407,7 @@ def make_report(group: str, runs: list[Run], out: Path, scale: str) -> Path:
     missing = [r.name for r in runs if not r.done]
     seeds = [s for r in runs for s in r.seeds]
     unfinished = sum(s.test is None for s in seeds)
-    tokens = sorted({s.train["tokens"] for s in seeds if s.test and s.train})
+    tokens = sorted({s.test["tokens"] for s in seeds if s.test})  # where each was evaluated
     lines = [
         f"# {group} at the {scale} scale",
         "",
@@ -413,6 +415,11 @@ def make_report(group: str, runs: list[Run], out: Path, scale: str) -> Path:
         + (f"; not finished: {', '.join(missing)}" if missing else "")
         + f". Training tokens per run: {', '.join(f'{t:,}' for t in tokens) or '-'}.",
     ]
+    if len(tokens) > 1:
+        lines += [
+            "**The runs were evaluated after different numbers of training tokens: compare only "
+            "runs of the same budget.**",
+        ]
     if len(seeds) > len(runs):
         lines += [
             f"Seeds: {len(seeds) - unfinished} of {len(seeds)} runs finished; test perplexity is "

@@ -245,6 +245,14 @@ def test_make_table_on_seed_fixtures(tmp_path):
     assert {p.name for p in tmp_path.glob("*.png")} == {"headline_curves.png", "headline_usage.png"}
 
 
+def test_make_table_warns_when_runs_differ_in_tokens(tmp_path):
+    runs = make_table.collect("headline", FIXTURES / "runs_seeds", "tiny")
+    runs[0].seeds[0].test = {**runs[0].seeds[0].test, "tokens": 32000}
+    text = make_table.make_report("headline", runs, tmp_path, "tiny").read_text()
+    assert "Training tokens per run: 32,000, 64,000." in text
+    assert "evaluated after different numbers of training tokens" in text
+
+
 def test_make_table_cells():
     """The cells that matter, independently of the golden files above."""
     runs = {r.name: r for r in make_table.collect("table1", FIXTURES / "runs", "tiny")}
