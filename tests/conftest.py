@@ -36,14 +36,3 @@ def corpus(tmp_path_factory) -> Path:
     cfg = PreprocessConfig(raw_dir=str(raw), out_dir=str(out), workers=1, bpe=BPEConfig(n_codes=60))
     preprocess(cfg)
     return out
-
-
-@pytest.fixture(scope="session")
-def tiny_model_args(corpus) -> list[str]:
-    """Trainer overrides of a 2-layer model with a memory on ``corpus``: seconds per run."""
-    return [
-        f"data.dir={corpus}", "data.seq_len=16", "model.n_layers=2", "model.dim=32",
-        "model.n_heads=2", "model.memory.layers=[2]", "model.memory.n_keys=8",
-        "model.memory.heads=2", "model.memory.knn=4", "model.memory.k_dim=16",
-        "train.batch_size=4",
-    ]  # fmt: skip

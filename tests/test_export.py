@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_trainer import tiny_args
 
 from pkm_lm.checkpoint import load_run
 from pkm_lm.data import Vocabulary
@@ -30,11 +31,11 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def run_dir(tiny_model_args, tmp_path_factory) -> Path:
+def run_dir(corpus, tmp_path_factory) -> Path:
     """A run with a memory (query BatchNorm statistics included) trained for a few steps."""
     out = tmp_path_factory.mktemp("export_run")
     steps = ["train.max_steps=4", "train.eval_interval=4", "train.checkpoint_interval=4"]
-    run("-m", "pkm_lm.train", f"run_dir={out}", *tiny_model_args, *steps)
+    run("-m", "pkm_lm.train", *tiny_args(corpus, "cpu", out, *steps))
     return out
 
 
@@ -82,10 +83,11 @@ def test_truncated_or_mismatched_weights_are_clear_errors(run_dir, tmp_path):
 
     weights.write_bytes(data)
     config = json.loads((out / "config.json").read_text())
-    (out / "config.json").write_text(json.dumps({**config, "dim": 64}))
+    (out / "config.json").write_text(json.dumps({**config, "dim": 2 * config["dim"]}))
     with pytest.raises(
         DataError,
-        match=r"does not fit .*config.json: shape tok_emb.weight \(\d+, 32\) instead of \(\d+, 64\)",
+        match=rf"does not fit .*config.json: shape tok_emb.weight \(\d+, {config['dim']}\) instead "
+        rf"of \(\d+, {2 * config['dim']}\)",
     ):
         TransformerLM.from_pretrained(out)
 

@@ -8,19 +8,17 @@ import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
+from tiny_trainer import tiny_args
 
 from pkm_lm.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_two_job_multirun_gives_each_job_its_run_dir(tiny_model_args, tmp_path):
+def test_two_job_multirun_gives_each_job_its_run_dir(corpus, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    args = [
-        "-m", f"run_dir={sweep_dir}", *tiny_model_args, "train.max_steps=3",
-        "train.log_interval=1", "train.eval_interval=3", "train.checkpoint_interval=3",
-        "train.seed=0,1",
-    ]  # fmt: skip
+    steps = ["train.max_steps=3", "train.log_interval=1", "train.eval_interval=3"]
+    args = ["-m", *tiny_args(corpus, "cpu", sweep_dir, *steps, "train.seed=0,1")]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     proc = subprocess.run(
         [sys.executable, "-m", "pkm_lm.train", *args],
