@@ -1,18 +1,31 @@
 """Speed and peak memory of the PKM layer against lucidrains' product-key-memory (PyPI).
 
-Measured side by side in one run: for each memory size the variants alternate round by round
-and the table reports medians and ratios to the reference (this machine is shared and noisy).
-Peak RSS is measured in a fresh subprocess per variant. Usage:
+Measured side by side in one process: for each memory size the variants alternate inside every
+round, in the listed order on even rounds and reversed on odd ones (whoever runs second may
+find caches warm or pages already mapped), and the table gives medians with the spread
+(min-max) and the ratio to the reference for each order. Peak memory is measured in a fresh
+subprocess per variant (RSS on CPU, allocated GPU memory on CUDA). Variants:
 
-    python scripts/bench_memory.py                 # the full table (about 10 minutes on 2 cores)
-    python scripts/bench_memory.py --sizes 128 256 --rounds 3
+    ours       MemoryConfig(sparse_grad=True): row-sparse value gradient, LazyAdam on the values
+    default    MemoryConfig(): dense value gradient, Adam on everything
+    triton     as ours with kernel="triton" (CUDA only, when triton is installed)
+    reference  lucidrains' PKM, Adam on everything
+
+Usage:
+
+    python scripts/bench_memory.py                      # 128^2 .. 1024^2, 5 rounds
+    python scripts/bench_memory.py --sizes 512 1024 --rounds 7
+    python scripts/bench_memory.py --device cuda        # synchronizes before reading the clock
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
+import os
+import platform
 import resource
 import statistics
 import subprocess
@@ -25,31 +38,33 @@ from pkm_lm import cli
 from pkm_lm.memory import LazyAdam, MemoryConfig, ProductKeyMemory
 
 DIM, BATCH, SEQ, HEADS, KNN, K_DIM = 512, 8, 256, 4, 32, 512
-FLAT_MAX_KEYS = 256  # flat keys score every slot: 512^2 would take ~15 s per forward here
+FLAT_MAX_KEYS = 256  # flat keys score every slot: 512^2 would take ~15 s per forward on a CPU
 
 
-def build(variant: str, n_keys: int) -> torch.nn.Module:
+def build(variant: str, n_keys: int, device: str) -> torch.nn.Module:
     torch.manual_seed(0)
     if variant == "reference":
         from product_key_memory import PKM  # lazily: only the benchmark needs it
 
-        return PKM(DIM, heads=HEADS, num_keys=n_keys, topk=KNN, dim_head=K_DIM // 2)
-    keys = "flat" if variant == "flat" else "product"
-    cfg = MemoryConfig(
-        n_keys=n_keys,
-        heads=HEADS,
-        knn=KNN,
-        k_dim=K_DIM,
-        keys=keys,
-        sparse_grad=variant.startswith("ours"),
-    )
-    return ProductKeyMemory(DIM, DIM, cfg)
+        model = PKM(DIM, heads=HEADS, num_keys=n_keys, topk=KNN, dim_head=K_DIM // 2)
+    else:
+        cfg = MemoryConfig(
+            n_keys=n_keys,
+            heads=HEADS,
+            knn=KNN,
+            k_dim=K_DIM,
+            keys="flat" if variant == "flat" else "product",
+            sparse_grad=variant in ("ours", "ours_rowwise", "triton"),
+            kernel="triton" if variant == "triton" else "torch",
+        )
+        model = ProductKeyMemory(DIM, DIM, cfg)
+    return model.to(device).train()
 
 
-def optimizer(variant: str, model: torch.nn.Module, fused: bool = False):
-    """ours: LazyAdam on the values (ours_rowwise: one second moment per row), Adam on the
-    rest; reference/flat: Adam on everything."""
-    if not variant.startswith("ours"):
+def optimizer(variant: str, model: torch.nn.Module, fused: bool = False) -> list:
+    """Row-sparse variants: LazyAdam on the values (ours_rowwise: one second moment per row),
+    Adam on the rest; the others: Adam on everything."""
+    if not (isinstance(model, ProductKeyMemory) and model.config.sparse_grad):
         return [torch.optim.Adam(model.parameters(), lr=1e-3, fused=fused or None)]
     values = model.values.weight
     rest = [p for p in model.parameters() if p is not values]
@@ -73,51 +88,59 @@ def full_step(model, x, opts):
         opt.step()
 
 
-def time_rounds(fns: dict, rounds: int) -> dict[str, float]:
-    """Median seconds of each fn, alternating the fns inside every round."""
+def time_rounds(fns: dict, rounds: int, device: str) -> dict[str, list[float]]:
+    """Seconds of each fn per round; the order of the fns flips every round."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     for fn in fns.values():
-        fn()  # warm-up (allocations, optimizer state)
+        fn()  # warm-up (allocations, optimizer state, kernel compilation)
+    sync()
     times = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
+    for r in range(rounds):
+        for name in list(fns) if r % 2 == 0 else reversed(list(fns)):
             start = time.perf_counter()
-            fn()
+            fns[name]()
+            sync()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
 
 
-def time_steps(models: dict, x: torch.Tensor, label: str, fused: bool, rounds: int) -> dict:
-    """Full training steps of ours and the reference, side by side; optimizer state freed after."""
-    opts = {v: optimizer(v, models[v], fused) for v in ("ours", "reference")}
-    fns = {f"{v}/{label}": (lambda v=v: full_step(models[v], x, opts[v])) for v in opts}
-    return time_rounds(fns, rounds)
+def time_steps(models: dict, x: torch.Tensor, fused: bool, rounds: int) -> dict:
+    """Full training steps of the given models side by side; optimizer state freed after."""
+    opts = {v: optimizer(v, m, fused) for v, m in models.items()}
+    fns = {v: (lambda v=v: full_step(models[v], x, opts[v])) for v in models}
+    return time_rounds(fns, rounds, x.device.type)
 
 
-def speed_table(sizes: list[int], rounds: int) -> list[dict]:
-    x = torch.randn(BATCH, SEQ, DIM)
+def speed_table(variants: list[str], sizes: list[int], rounds: int, device: str) -> list[dict]:
+    x = torch.randn(BATCH, SEQ, DIM, device=device)
     rows = []
     for n in sizes:
-        variants = ["ours", "reference"] + (["flat"] if n <= FLAT_MAX_KEYS else [])
-        models = {v: build(v, n).train() for v in variants}
-        fns = {}
-        for v, m in models.items():
-            fns[f"{v}/forward"] = lambda m=m: forward(m, x)
-            fns[f"{v}/fwd+bwd"] = lambda m=m: forward_backward(m, x)
-        res = time_rounds(fns, rounds)
-        # Full steps: ours vs reference with torch's default Adam, then vs fused Adam, each
-        # pair side by side (two reference optimizer states at once would not fit at 1024^2).
-        for label, fused in (("step", False), ("step fused", True)):
-            res.update(time_steps(models, x, label, fused, rounds))
-            gc.collect()
+        names = [v for v in variants if v != "flat" or n <= FLAT_MAX_KEYS]
+        models = {v: build(v, n, device) for v in names}
+        res = {}
+        for phase, fn in (("forward", forward), ("fwd+bwd", forward_backward)):
+            fns = {f"{v}/{phase}": (lambda m=m, fn=fn: fn(m, x)) for v, m in models.items()}
+            res.update(time_rounds(fns, rounds, device))
+        # Full steps, each variant beside the reference with torch's default Adam, then fused
+        # Adam; one pair at a time (the optimizer states of several at 1024^2 would not fit).
+        for phase, fused in (("step", False), ("step fused", True)):
+            for v in (v for v in names if v not in ("reference", "flat")):
+                timed = time_steps({w: models[w] for w in (v, "reference")}, x, fused, rounds)
+                res[f"{v}/{phase}"] = timed[v]
+                res[f"reference/{phase} beside {v}"] = timed["reference"]
+                gc.collect()
         rows.append({"n_keys": n, **res})
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-        del models, fns
+        del models
         gc.collect()
     return rows
 
 
-def peak_rss_gib() -> float:
-    """This process's peak RSS. VmHWM, unlike ru_maxrss, is not inherited across exec."""
+def peak_gib(device: str) -> float:
+    """Peak allocated GPU memory on CUDA; else this process's peak RSS (VmHWM, which unlike
+    ru_maxrss is not inherited across exec)."""
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -128,93 +151,142 @@ def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def peak_rss_child(variant: str, n_keys: int) -> None:
-    """Runs in a subprocess: peak RSS (GiB) after construction, fwd+bwd, and a full step."""
-    torch.set_num_threads(2)
-    x = torch.randn(BATCH, SEQ, DIM)
-    model = build(variant, n_keys).train()
-    out = {}
-    out["built"] = peak_rss_gib()
+def peak_child(variant: str, n_keys: int, device: str, threads: int) -> None:
+    """Runs in a subprocess: peak memory (GiB) after construction, fwd+bwd, and 2 full steps."""
+    torch.set_num_threads(threads)
+    x = torch.randn(BATCH, SEQ, DIM, device=device)
+    model = build(variant, n_keys, device)
+    out = {"built": peak_gib(device)}
     forward_backward(model, x)
-    out["fwd+bwd"] = peak_rss_gib()
+    out["fwd+bwd"] = peak_gib(device)
     opts = optimizer(variant, model)
     for _ in range(2):
         full_step(model, x, opts)
-    out["step"] = peak_rss_gib()
+    out["step"] = peak_gib(device)
     print(json.dumps(out))
 
 
-def peak_rss(variant: str, n_keys: int) -> dict:
-    cmd = [sys.executable, __file__, "--rss-child", variant, str(n_keys)]
-    return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+def peak_table(variants: list[str], n: int, device: str, threads: int) -> None:
+    def run(v):
+        cmd = [sys.executable, __file__, "--peak-child", v, str(n), device, str(threads)]
+        return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
-
-def rss_table(n: int) -> None:
-    rss = {v: peak_rss(v, n) for v in ("ours", "ours_rowwise", "reference")}
-    print(f"\n\nPeak RSS at {n}^2 (GiB, fresh process each; reference with torch's default Adam)")
-    print("| variant | built | after fwd+bwd | after full step | ratio fwd+bwd | ratio step |")
+    names = [v for v in variants if v != "flat"]
+    names.insert(names.index("ours") + 1, "ours_rowwise") if "ours" in names else None
+    peaks = {v: run(v) for v in names}
+    what = "allocated GPU memory" if device == "cuda" else "RSS"
+    print(f"\nPeak {what} at {n}^2 (GiB, a fresh process each; Adam is torch's default)")
+    print("| variant | built | after fwd+bwd | after 2 steps | ratio fwd+bwd | ratio step |")
     print("|---|---|---|---|---|---|")
-    ref = rss["reference"]
-    for v, r in rss.items():
+    ref = peaks["reference"]
+    for v, r in peaks.items():
         print(
             f"| {v} | {r['built']:.2f} | {r['fwd+bwd']:.2f} | {r['step']:.2f} | "
             f"{r['fwd+bwd'] / ref['fwd+bwd']:.2f}x | {r['step'] / ref['step']:.2f}x |"
         )
 
 
+def machine(device: str, threads: int) -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if device == "cuda" else ""
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (
+        f"CPU {cpu} ({os.cpu_count()} cores), {threads} threads{gpu}, torch {torch.__version__}, "
+        f"load average {load}"
+    )
+
+
+def print_tables(rows: list[dict], variants: list[str]) -> None:
+    def ms(values):
+        return f"{statistics.median(values) * 1000:.0f} ms"
+
+    print("Median [min-max] per phase:\n")
+    print("| variant | " + " | ".join(f"{r['n_keys']}^2" for r in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    names = dict.fromkeys(k for r in rows for k in r if k != "n_keys")
+    for name in names:
+        cells = []
+        for r in rows:
+            t = r.get(name)
+            cells.append(f"{ms(t)} [{min(t) * 1e3:.0f}-{max(t) * 1e3:.0f}]" if t else "-")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print("\nRatio to the reference, median of all rounds (rounds where the variant ran first /")
+    print("where the reference ran first):\n")
+    print("| ratio | " + " | ".join(f"{r['n_keys']}^2" for r in rows) + " |")
+    print("|---|" + "---|" * len(rows))
+    for v in (v for v in variants if v not in ("reference", "flat")):
+        for phase in ("forward", "fwd+bwd", "step", "step fused"):
+            cells = []
+            for r in rows:
+                if f"{v}/{phase}" not in r:
+                    cells.append("-")
+                    continue
+                ours = r[f"{v}/{phase}"]
+                ref = r[f"reference/{phase}" + (f" beside {v}" if "step" in phase else "")]
+                first = statistics.median(ours[0::2]) / statistics.median(ref[0::2])
+                second = statistics.median(ours[1::2]) / statistics.median(ref[1::2])
+                both = statistics.median(ours) / statistics.median(ref)
+                cells.append(f"{both:.2f}x ({first:.2f} / {second:.2f})")
+            print(f"| {v} {phase} | " + " | ".join(cells) + " |")
+    if len(rows) > 1:
+        first, last = rows[0], rows[-1]
+        for v in variants:
+            t0, t1 = first.get(f"{v}/fwd+bwd"), last.get(f"{v}/fwd+bwd")
+            if t0 and t1:
+                growth = statistics.median(t1) / statistics.median(t0)
+                print(
+                    f"\n{v} fwd+bwd growth {first['n_keys']}^2 -> {last['n_keys']}^2: "
+                    f"{growth:.2f}x",
+                    end="",
+                )
+        print()
+
+
 @cli.main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument(
-        "--sizes",
-        type=int,
-        nargs="+",
-        default=[128, 256, 512, 1024],
-        help="n_keys values (|K| = n_keys^2)",
+        "--sizes", type=int, nargs="+", default=[128, 256, 512, 1024], help="n_keys values"
     )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rss-only", action="store_true", help="only the peak-RSS table")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
-        "--rss-child", nargs=2, metavar=("VARIANT", "N_KEYS"), help=argparse.SUPPRESS
+        "--variants",
+        nargs="+",
+        default=None,
+        help="subset of ours default triton flat reference (reference is always added)",
     )
+    parser.add_argument("--peak-only", action="store_true", help="only the peak-memory table")
+    parser.add_argument("--no-peak", action="store_true", help="skip the peak-memory table")
+    parser.add_argument("--peak-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.rss_child:
-        return peak_rss_child(args.rss_child[0], int(args.rss_child[1]))
+    if args.peak_child:
+        variant, n, device, threads = args.peak_child
+        return peak_child(variant, int(n), device, int(threads))
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("bench_memory: --device cuda needs a CUDA device; none is visible")
+    variants = args.variants or ["ours", "default"]
+    if args.variants is None and args.device == "cuda" and importlib.util.find_spec("triton"):
+        variants.append("triton")
+    variants = [v for v in variants if v != "reference"] + ["reference"]
     torch.set_num_threads(args.threads)
-    if args.rss_only:
-        return rss_table(args.sizes[-1])
+    print(machine(args.device, args.threads))
     print(
-        f"torch {torch.__version__}, {args.threads} threads, input/output dim {DIM}, "
-        f"{BATCH}x{SEQ} tokens, heads {HEADS}, knn {KNN}, k_dim {K_DIM}, median of "
-        f"{args.rounds} rounds; ratio = ours / reference (lower is better)\n"
+        f"input/output dim {DIM}, {BATCH}x{SEQ} tokens, heads {HEADS}, knn {KNN}, k_dim {K_DIM}, "
+        f"{args.rounds} rounds\n"
     )
-    rows = speed_table(args.sizes, args.rounds)
-    print("| variant | " + " | ".join(f"{r['n_keys']}^2" for r in rows) + " |")
-    print("|---|" + "---|" * len(rows))
-    names = [k for k in rows[0] if k != "n_keys"] + ["flat/forward", "flat/fwd+bwd"]
-    for name in dict.fromkeys(names):
-        cells = [f"{r[name] * 1000:.0f} ms" if name in r else "-" for r in rows]
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    for phase in ("forward", "fwd+bwd", "step", "step fused"):
-        cells = [f"{r[f'ours/{phase}'] / r[f'reference/{phase}']:.2f}x" for r in rows]
-        print(f"| ratio {phase} | " + " | ".join(cells) + " |")
-    for v in ("ours", "reference"):
-        first, last = rows[0], rows[-1]
-        if len(rows) > 1:
-            print(
-                f"\n{v} fwd+bwd growth {first['n_keys']}^2 -> {last['n_keys']}^2: "
-                f"{last[f'{v}/fwd+bwd'] / first[f'{v}/fwd+bwd']:.2f}x",
-                end="",
-            )
-            if len(rows) > 2:
-                prev = rows[-2]
-                print(
-                    f", {prev['n_keys']}^2 -> {last['n_keys']}^2: "
-                    f"{last[f'{v}/fwd+bwd'] / prev[f'{v}/fwd+bwd']:.2f}x",
-                    end="",
-                )
-    rss_table(args.sizes[-1])
+    if not args.peak_only:
+        rows = speed_table(variants, args.sizes, args.rounds, args.device)
+        print_tables(rows, variants)
+        print(f"\nafter the timings: {machine(args.device, args.threads)}")
+    if not args.no_peak:
+        peak_table(variants, args.sizes[-1], args.device, args.threads)
 
 
 if __name__ == "__main__":
