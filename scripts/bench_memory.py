@@ -253,7 +253,7 @@ def main() -> None:
     parser.add_argument(
         "--sizes", type=int, nargs="+", default=[128, 256, 512, 1024], help="n_keys values"
     )
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=5, help="at least 2 (both orders)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
@@ -269,6 +269,8 @@ def main() -> None:
     if args.peak_child:
         variant, n, device, threads = args.peak_child
         return peak_child(variant, int(n), device, int(threads))
+    if args.rounds < 2:
+        parser.error(f"--rounds={args.rounds}: at least 2, one in each order of run")
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("bench_memory: --device cuda needs a CUDA device; none is visible")
     variants = args.variants or ["ours", "default"]

@@ -11,6 +11,7 @@ from collections.abc import Iterable
 import torch
 
 from .config import KERNELS, pick_kernel, triton_installed
+from .cpu_ops import fused_cpu
 from .values import touched_rows
 
 
@@ -102,6 +103,13 @@ class LazyAdam(torch.optim.Optimizer):
             return
         if sparse:
             rows, grad = sparse_rows(grad)
+            fused = fused_cpu(p, grad) if p.dim() == 2 and p.is_contiguous() else None
+            if fused is not None:  # one pass over the rows: no scratch, no gathers
+                fused.lazy_adam_rows(
+                    p, exp_avg, exp_avg_sq, rows, grad, step_size, beta1, beta2, group["eps"],
+                    bias_correction2_sqrt, row_wise,
+                )  # fmt: skip
+                return
             buffers = self._scratch.setdefault(p, {})
             m = _gather_rows(buffers, "m", exp_avg, rows)
             v = _gather_rows(buffers, "v", exp_avg_sq, rows)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .values import row_gradients, sort_reads
+from .values import row_gradients
 
 
 class _HalfTopk(torch.autograd.Function):
@@ -46,11 +46,11 @@ class _HalfTopk(torch.autograd.Function):
                 rows, keys.reshape(-1, d), mode="sum", per_sample_weights=weights
             ).view(query.shape)
         if ctx.needs_input_grad[1]:
-            sorted_rows, order = sort_reads(rows)
             every_row = torch.arange(heads * n, device=keys.device)
-            grad_keys = row_gradients(
-                sorted_rows, order, weights, query.reshape(-1, d).to(keys.dtype), every_row
-            ).view(keys.shape)
+            grad_keys, _ = row_gradients(
+                rows, weights, query.reshape(-1, d).to(keys.dtype), every_row
+            )
+            grad_keys = grad_keys.view(keys.shape)
         return grad_query, grad_keys, None, None
 
 

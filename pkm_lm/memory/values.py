@@ -14,13 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
-def sort_reads(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(slots in ascending order, position of each in ``indices.reshape(-1)``); stable, so the
-    sums below add each slot's reads in a fixed order (run-to-run identical gradients)."""
-    flat = indices.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    return flat[order], order
+from .cpu_ops import fused_cpu
 
 
 def touched_rows(slots: torch.Tensor, n_rows: int, exact: bool) -> torch.Tensor:
@@ -41,43 +35,46 @@ def touched_rows(slots: torch.Tensor, n_rows: int, exact: bool) -> torch.Tensor:
 
 
 def row_gradients(
-    sorted_slots: torch.Tensor,
-    order: torch.Tensor,
+    indices: torch.Tensor,
     weights: torch.Tensor,
     grad_out: torch.Tensor,
     rows: torch.Tensor,
-) -> torch.Tensor:
-    """For each of ``rows`` (ascending, covering every slot read) the sum of
-    weights[read] * grad_out[token of read] over its reads: (len(rows), grad_out.shape[1]).
+    table: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Gradients of the bag ``out[n] = sum_j weights[n, j] * table[indices[n, j]]``.
 
-    One embedding bag per row over grad_out: rows nobody read get an empty bag (zeros).
-    """
-    per_bag = weights.shape[-1]
-    readers = torch.div(order, per_bag, rounding_mode="floor")  # token of each sorted read
-    return F.embedding_bag(
-        readers,
-        grad_out,
-        torch.searchsorted(sorted_slots, rows),  # first sorted read of each row
-        mode="sum",
-        per_sample_weights=weights.reshape(-1)[order].to(grad_out.dtype),
-    )
-
-
-def read_weight_gradients(
-    indices: torch.Tensor, table: torch.Tensor, grad_out: torch.Tensor
-) -> torch.Tensor:
-    """grad_out[n] . table[indices[n, j]] for every read: the gradient of each read's weight.
-
-    Torch's embedding-bag backward computes these dot products in one pass over the rows read
-    (no (reads x v_dim) buffer, no re-run of the forward).
+    Returns, for each of ``rows`` (ascending, covering every slot read), the sum of
+    weights[n, j] * grad_out[n] over its reads (rows nobody read get zeros), and, when
+    ``table`` is given, each read's weight gradient grad_out[n] . table[indices[n, j]], shaped
+    like ``indices``. The reads are grouped by slot with a stable sort on the device, so each
+    row's reads are summed in a fixed order (run-to-run identical gradients).
     """
     n, per_bag = indices.shape
-    device = indices.device
-    offsets = torch.arange(0, n * per_bag, per_bag, device=device)
-    offset2bag = torch.arange(n, device=device)[:, None].expand(n, per_bag).reshape(-1)
-    return torch.ops.aten._embedding_bag_per_sample_weights_backward(
+    sorted_slots, order = indices.reshape(-1).sort(stable=True)
+    starts = torch.searchsorted(sorted_slots, rows)  # first sorted read of each row
+    weights = weights.reshape(-1).to(grad_out.dtype)
+    fused = fused_cpu(indices, grad_out, *([] if table is None else [table]))
+    if fused is not None:  # one pass per row: its gradient and its reads' weight gradients
+        grad_out = grad_out.contiguous()
+        out = fused.row_gradients(order, starts, rows, weights, grad_out, table, per_bag)
+        return out[0], out[1].view(n, per_bag) if table is not None else None
+    grads = F.embedding_bag(
+        torch.div(order, per_bag, rounding_mode="floor"),  # token of each sorted read
+        grad_out,
+        starts,
+        mode="sum",
+        per_sample_weights=weights[order],
+    )  # one bag per row over grad_out: no (reads x width) buffer
+    if table is None:
+        return grads, None
+    # Torch's embedding-bag backward computes the dot products in one pass over the rows
+    # read (no (reads x width) buffer, no re-run of the forward).
+    offsets = torch.arange(0, n * per_bag, per_bag, device=indices.device)
+    offset2bag = torch.arange(n, device=indices.device)[:, None].expand(n, per_bag).reshape(-1)
+    weight_grads = torch.ops.aten._embedding_bag_per_sample_weights_backward(
         grad_out, table, indices.reshape(-1), offsets, offset2bag, 0
-    ).view(n, per_bag)
+    )
+    return grads, weight_grads.view(n, per_bag)
 
 
 class _ValueBag(torch.autograd.Function):
@@ -91,23 +88,22 @@ class _ValueBag(torch.autograd.Function):
     def backward(ctx, grad_out):
         indices, weights, table = ctx.saved_tensors
         grad_out = grad_out.contiguous()
-        grad_weights = grad_table = None
-        if ctx.needs_input_grad[1]:
-            grad_weights = read_weight_gradients(indices, table, grad_out)
-        if ctx.needs_input_grad[2]:
-            sorted_slots, order = sort_reads(indices)
-            n_rows = table.shape[0]
-            if ctx.sparse:
-                rows = touched_rows(sorted_slots, n_rows, exact=table.device.type == "cpu")
-            else:
-                rows = torch.arange(n_rows, device=table.device)
-            grads = row_gradients(sorted_slots, order, weights, grad_out, rows)
-            if ctx.sparse:
-                grad_table = torch.sparse_coo_tensor(
-                    rows[None], grads, table.shape, is_coalesced=True, check_invariants=False
-                )
-            else:
-                grad_table = grads
+        need_weights, need_table = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        n_rows = table.shape[0]
+        if ctx.sparse or not need_table:  # (the fused pass finds each read through its row)
+            rows = touched_rows(indices.reshape(-1), n_rows, exact=table.device.type == "cpu")
+        else:
+            rows = torch.arange(n_rows, device=table.device)
+        grads, grad_weights = row_gradients(
+            indices, weights, grad_out, rows, table if need_weights else None
+        )
+        grad_table = None
+        if need_table and ctx.sparse:
+            grad_table = torch.sparse_coo_tensor(
+                rows[None], grads, table.shape, is_coalesced=True, check_invariants=False
+            )
+        elif need_table:
+            grad_table = grads
         return None, grad_weights, grad_table, None
 
 
