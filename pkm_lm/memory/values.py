@@ -17,6 +17,12 @@ import torch.nn.functional as F
 from .cpu_ops import fused_cpu
 
 
+def sort_reads(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots in ascending order, position of each in ``indices.reshape(-1)``); stable, so each
+    slot's reads are summed in a fixed order (run-to-run identical gradients)."""
+    return indices.reshape(-1).sort(stable=True)
+
+
 def touched_rows(slots: torch.Tensor, n_rows: int, exact: bool) -> torch.Tensor:
     """Ascending unique rows covering every slot in ``slots`` (any order, repeats allowed).
 
@@ -46,11 +52,10 @@ def row_gradients(
     Returns, for each of ``rows`` (ascending, covering every slot read), the sum of
     weights[n, j] * grad_out[n] over its reads (rows nobody read get zeros), and, when
     ``table`` is given, each read's weight gradient grad_out[n] . table[indices[n, j]], shaped
-    like ``indices``. The reads are grouped by slot with a stable sort on the device, so each
-    row's reads are summed in a fixed order (run-to-run identical gradients).
+    like ``indices``. The reads are grouped by slot with ``sort_reads``, on the device.
     """
     n, per_bag = indices.shape
-    sorted_slots, order = indices.reshape(-1).sort(stable=True)
+    sorted_slots, order = sort_reads(indices)
     starts = torch.searchsorted(sorted_slots, rows)  # first sorted read of each row
     weights = weights.reshape(-1).to(grad_out.dtype)
     fused = fused_cpu(indices, grad_out, *([] if table is None else [table]))
