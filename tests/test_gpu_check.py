@@ -91,10 +91,11 @@ def test_bad_arguments_are_named(args, message):
 
 
 def _stage(module, name, code, timeout=30.0, optional=False, missing=None):
-    """A stage whose one command runs ``code`` in Python."""
+    """A stage whose one command runs ``code`` in Python (or is ``code``, a list)."""
+    cmd = code if isinstance(code, list) else [sys.executable, "-c", code]
     return module.Stage(
         name, f"stage {name}", timeout, "fake.log", f"checks of {name}",
-        lambda ctx: [[[sys.executable, "-c", code]]],
+        lambda ctx: [[cmd]],
         lambda ctx, codes: module.failed(codes, name) if codes != [0]
         else module.Result("PASS", [f"{name} fine"], details=f"details of {name}"),
         optional=optional, missing=missing or (lambda ctx: None),
@@ -105,8 +106,8 @@ def test_stages_report_pass_fail_timeout_and_skip(module, monkeypatch, tmp_path)
     stages = [
         _stage(module, "good", "print('hello from good')"),
         _stage(module, "bad", "import sys; sys.exit(3)"),
-        _stage(module, "slow", SPAWN_AND_SLEEP.format(pidfile=tmp_path / "child.pid"), timeout=2.0),
-        _stage(module, "extra", "print('never')", timeout=1000.0, optional=True),
+        _stage(module, "slow", spawn_and_sleep(tmp_path / "child.pid"), timeout=3.0),
+        _stage(module, "extra", "print('never')", timeout=10_000.0, optional=True),
         _stage(module, "nodata", "print('never')", missing=lambda ctx: "no corpus here"),
     ]
     monkeypatch.setattr(module, "STAGES", stages)
@@ -115,7 +116,7 @@ def test_stages_report_pass_fail_timeout_and_skip(module, monkeypatch, tmp_path)
     monkeypatch.setattr(module.tempfile, "mkdtemp", lambda prefix: str(scratch))
     out = tmp_path / "report"
     code = module.main(
-        ["--out", str(out), "--stages", "good,bad,slow,extra,nodata", "--budget", "60"]
+        ["--out", str(out), "--stages", "good,bad,slow,extra,nodata", "--budget", "900"]
     )
     assert code == 1  # a FAIL makes the exit status non-zero
     summary = (out / "summary.md").read_text()
@@ -133,10 +134,10 @@ def test_stages_report_pass_fail_timeout_and_skip(module, monkeypatch, tmp_path)
     assert len(list(out.iterdir())) <= 8
 
 
-SPAWN_AND_SLEEP = (
-    "import subprocess, time; p = subprocess.Popen(['sleep', '60']); "
-    "open('{pidfile}', 'w').write(str(p.pid)); time.sleep(60)"
-)
+def spawn_and_sleep(pidfile: Path) -> list[str]:
+    """A command that starts a child (its pid in ``pidfile``) and waits: a shell starts in
+    milliseconds, well inside the stage's timeout even on a busy machine."""
+    return ["sh", "-c", f"sleep 60 & echo $! > {pidfile}; wait"]
 
 
 def _alive(pid: int) -> bool:
