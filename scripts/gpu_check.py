@@ -380,7 +380,7 @@ STAGES = [
     Stage("bench-train", "bench_train.py on CUDA", 90, "bench.log",
           "L vs L + memory vs 2L, train and inference tokens/s, fp32 and bf16: tables printed",
           bench_train_groups, bench_train_verdict),
-    Stage("bench-memory", "bench_memory.py on CUDA", 75, "bench.log",
+    Stage("bench-memory", "bench_memory.py on CUDA", 90, "bench.log",
           "the layer vs lucidrains' product-key-memory: the table is printed",
           bench_memory_groups, bench_memory_verdict),
     Stage("pytest", "pytest -m gpu", 220, "pytest.log",

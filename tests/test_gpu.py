@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -327,16 +328,12 @@ def test_two_ranks_equal_one_process_on_cuda(ids_data, tmp_path):
     if nccl.returncode != 0:
         if torch.cuda.device_count() >= 2:
             raise AssertionError(f"NCCL on 2 GPUs failed:\n{nccl.stderr[-4000:]}")
-        reason = next(
-            (
-                line.strip()
-                for line in nccl.stderr.splitlines()
-                if "NCCL" in line and "rror" in line
-            ),
-            nccl.stderr.strip().splitlines()[-1] if nccl.stderr.strip() else "no message",
-        )
+        # The two ranks' tracebacks interleave on stderr: name the error, not a line of it.
+        found = re.search(r"NCCL error.*?(invalid usage|unhandled \w+ error)", nccl.stderr)
+        reason = found.group(1) if found else f"exit status {nccl.returncode}"
         warnings.warn(
-            f"NCCL could not run 2 ranks on {torch.cuda.device_count()} GPU ({reason[:200]}); "
+            f"NCCL could not run 2 ranks on {torch.cuda.device_count()} GPU ({reason}, NCCL "
+            f"{'.'.join(map(str, torch.cuda.nccl.version()))}); "
             "compared 2 ranks on gloo with CUDA tensors instead",
             stacklevel=1,
         )
