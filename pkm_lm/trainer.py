@@ -179,9 +179,8 @@ class Trainer:
         if not self.env.is_main:
             return
         state = {key: part.state_dict() for key, part in self._stateful().items()}
-        state.update(
-            self.progress.state_dict()
-        )  # top-level "step" etc.: readers of the file use it
+        # Progress at the top level: readers of the file (evaluate, export) use "step".
+        state.update(self.progress.state_dict())
         state["rng"] = rng
         state["config"] = OmegaConf.to_container(OmegaConf.structured(self.cfg))
         meta = {"tokens": self.tokens, "elapsed_s": self.progress.elapsed_s}
