@@ -26,6 +26,46 @@ inline void axpy(T* acc, const T* g, T w, int64_t dim) {
   for (int64_t j = 0; j < dim; ++j) acc[j] += w * g[j];
 }
 
+template <typename T>
+inline bool all_zero(const T* g, int64_t dim) {
+  int nonzero = 0;
+#pragma omp simd reduction(| : nonzero)
+  for (int64_t j = 0; j < dim; ++j) nonzero |= g[j] != 0;
+  return !nonzero;
+}
+
+template <typename T>
+inline T sum_of_squares(const T* g, int64_t dim) {
+  T sq = 0;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t j = 0; j < dim; ++j) sq += g[j] * g[j];
+  return sq;
+}
+
+// Adam on one row: m, v <- moments with g; p -= lr * m / (sqrt(v) / bias_correction2 + eps).
+template <typename T>
+inline void adam_row(T* p, T* m, T* v, const T* g, int64_t dim, T b1, T b2, T lr, T inv_bc2, T e) {
+#pragma omp simd
+  for (int64_t j = 0; j < dim; ++j) {
+    const T mj = m[j] + (1 - b1) * (g[j] - m[j]);
+    const T vj = v[j] * b2 + (1 - b2) * (g[j] * g[j]);
+    m[j] = mj;
+    v[j] = vj;
+    p[j] -= lr * (mj / (std::sqrt(vj) * inv_bc2 + e));
+  }
+}
+
+// The same with one second moment for the row, already folded into lr_over_denom.
+template <typename T>
+inline void adam_row_wise(T* p, T* m, const T* g, int64_t dim, T b1, T lr_over_denom) {
+#pragma omp simd
+  for (int64_t j = 0; j < dim; ++j) {
+    const T mj = m[j] + (1 - b1) * (g[j] - m[j]);
+    m[j] = mj;
+    p[j] -= lr_over_denom * mj;
+  }
+}
+
 // For each output row u (ascending, covering every slot read): the sum of
 // weights[read] * grad_out[token of read] over the row's reads, and, when table is given,
 // each read's weight gradient grad_out[token] . table[row], in one pass over the row's reads.
@@ -101,33 +141,20 @@ void lazy_adam_rows(at::Tensor param, at::Tensor exp_avg, at::Tensor exp_avg_sq,
     scalar_t* v = exp_avg_sq.data_ptr<scalar_t>();
     const scalar_t* g = grad.data_ptr<scalar_t>();
     const int64_t* row = rows.data_ptr<int64_t>();
-    const scalar_t b1 = beta1, b2 = beta2, lr = step_size, e = eps, bc2 = bias_correction2_sqrt;
+    const scalar_t b1 = beta1, b2 = beta2, lr = step_size, e = eps;
+    const scalar_t inv_bc2 = 1 / bias_correction2_sqrt;
     at::parallel_for(0, n_rows, 64, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const scalar_t* gi = g + i * dim;
-        bool read = false;
-        for (int64_t j = 0; j < dim; ++j) read |= gi[j] != 0;
-        if (!read) continue;
+        if (all_zero(gi, dim)) continue;  // not read: left alone
         const int64_t r = row[i];
-        scalar_t* pi = p + r * dim;
-        scalar_t* mi = m + r * dim;
         if (row_wise) {
-          scalar_t sq = 0;
-          for (int64_t j = 0; j < dim; ++j) sq += gi[j] * gi[j];
           scalar_t& vi = v[r];
-          vi = vi * b2 + (1 - b2) * (sq / dim);
-          const scalar_t denom = std::sqrt(vi) / bc2 + e;
-          for (int64_t j = 0; j < dim; ++j) {
-            mi[j] += (1 - b1) * (gi[j] - mi[j]);
-            pi[j] -= lr * (mi[j] / denom);
-          }
+          vi = vi * b2 + (1 - b2) * (sum_of_squares(gi, dim) / dim);
+          const scalar_t denom = std::sqrt(vi) * inv_bc2 + e;
+          adam_row_wise(p + r * dim, m + r * dim, gi, dim, b1, lr / denom);
         } else {
-          scalar_t* vi = v + r * dim;
-          for (int64_t j = 0; j < dim; ++j) {
-            mi[j] += (1 - b1) * (gi[j] - mi[j]);
-            vi[j] = vi[j] * b2 + (1 - b2) * (gi[j] * gi[j]);
-            pi[j] -= lr * (mi[j] / (std::sqrt(vi[j]) / bc2 + e));
-          }
+          adam_row(p + r * dim, m + r * dim, v + r * dim, gi, dim, b1, b2, lr, inv_bc2, e);
         }
       }
     });
