@@ -9,7 +9,7 @@ import pkm_lm.memory.optim
 import pkm_lm.memory.values
 from pkm_lm.memory import LazyAdam, sparse_rows
 from pkm_lm.memory.cpu_ops import cpu_ops
-from pkm_lm.memory.values import row_gradients, touched_rows, value_bag
+from pkm_lm.memory.values import reusable_empty, row_gradients, touched_rows, value_bag
 
 PATHS = ["fused", "torch"]
 
@@ -181,3 +181,35 @@ def test_lazy_adam_leaves_rows_with_zero_gradient_alone(path):
     flat = indices.reshape(-1)
     assert touched_rows(flat, 30, False).numel() > touched_rows(flat, 30, True).numel()
     torch.testing.assert_close(params[0], params[1], rtol=0, atol=0)
+
+
+def test_gradient_memory_is_reused_only_once_released():
+    param = torch.nn.Parameter(torch.zeros(10, 4))
+    a = reusable_empty(param, 5)
+    view = a[1:]
+    assert reusable_empty(param, 5).data_ptr() != a.data_ptr(), "in use: not reused"
+    del a
+    memory = view.untyped_storage().data_ptr()
+    assert reusable_empty(param, 5).untyped_storage().data_ptr() != memory, "a view holds it"
+    b = reusable_empty(param, 5)
+    ptr = b.data_ptr()
+    del b, view
+    c = reusable_empty(param, 3)
+    assert c.data_ptr() == ptr and c.shape == (3, 4)
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_kept_and_accumulated_gradients_survive_later_backward_passes(sparse, path):
+    """Reused gradient memory never overwrites a gradient someone still holds."""
+    (indices, weights, grad_outs) = zip(*[reads(seed=s) for s in range(3)], strict=True)
+    table = torch.nn.Parameter(torch.randn(40, 5, dtype=torch.float64))
+    refs = [
+        dense_reference(*inputs, 40) for inputs in zip(indices, weights, grad_outs, strict=True)
+    ]
+    value_bag(indices[0], weights[0], table, sparse).backward(grad_outs[0])
+    kept = table.grad
+    table.grad = None
+    value_bag(indices[1], weights[1], table, sparse).backward(grad_outs[1])
+    value_bag(indices[2], weights[2], table, sparse).backward(grad_outs[2])  # accumulates
+    torch.testing.assert_close(kept.to_dense(), refs[0])
+    torch.testing.assert_close(table.grad.to_dense(), refs[1] + refs[2])

@@ -73,7 +73,8 @@ inline void adam_row_wise(T* p, T* m, const T* g, int64_t dim, T b1, T lr_over_d
 // starts[u] the first sorted read of row u (row u's reads end where row u+1's start).
 std::vector<at::Tensor> row_gradients(at::Tensor order, at::Tensor starts, at::Tensor rows,
                                       at::Tensor weights, at::Tensor grad_out,
-                                      c10::optional<at::Tensor> table, int64_t per_bag) {
+                                      c10::optional<at::Tensor> table, int64_t per_bag,
+                                      c10::optional<at::Tensor> out_buffer) {
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.is_contiguous(), "grad_out: contiguous 2-D");
   TORCH_CHECK(order.scalar_type() == at::kLong && starts.scalar_type() == at::kLong &&
                   rows.scalar_type() == at::kLong, "order, starts and rows: int64");
@@ -82,7 +83,14 @@ std::vector<at::Tensor> row_gradients(at::Tensor order, at::Tensor starts, at::T
   rows = rows.contiguous();
   weights = weights.contiguous().to(grad_out.scalar_type());
   const int64_t n_rows = rows.numel(), n_reads = order.numel(), dim = grad_out.size(1);
-  auto out = at::empty({n_rows, dim}, grad_out.options());
+  at::Tensor out;
+  if (out_buffer.has_value()) {  // memory to reuse: every row of it is written below
+    out = *out_buffer;
+    TORCH_CHECK(out.is_contiguous() && out.scalar_type() == grad_out.scalar_type() &&
+                    out.size(0) == n_rows && out.size(1) == dim, "out: contiguous (rows, dim)");
+  } else {
+    out = at::empty({n_rows, dim}, grad_out.options());
+  }
   at::Tensor weight_grads;
   const bool with_table = table.has_value();
   if (with_table) {
