@@ -12,6 +12,7 @@ those explicitly.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -28,9 +29,12 @@ def cpu_ops():
         from torch.utils.cpp_extension import load
 
         source = Path(__file__).with_name("csrc") / "cpu_ops.cpp"
+        # The name carries the source's hash: checkouts of different versions (or an upgrade)
+        # each get their own build in torch's extension cache instead of loading another's.
+        name = "pkm_lm_cpu_ops_" + hashlib.sha1(source.read_bytes()).hexdigest()[:12]
         # -fopenmp: at::parallel_for is OpenMP in torch's CPU builds (serial without it).
         flags = ["-O3", "-fno-math-errno", "-fopenmp"]
-        return load("pkm_lm_cpu_ops", [str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
+        return load(name, [str(source)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
     except Exception as err:  # no compiler, no ninja, headers missing: all mean "not here"
         warnings.warn(
             f"pkm_lm.memory: the fused CPU ops could not be built ({type(err).__name__}: {err}); "
