@@ -81,7 +81,8 @@ class Context:
             self.work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
         self.out: Path | None = Path(args.out) if args.out else None
         self.site = self.work / "site"
-        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1"}
+        # PYTHON: scripts/sweep.sh runs its trainings with the same interpreter.
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", "HYDRA_FULL_ERROR": "1", "PYTHON": PY}
         self.env["PYTHONPATH"] = os.pathsep.join(
             [str(ROOT), str(self.site), *filter(None, [os.environ.get("PYTHONPATH")])]
         )
