@@ -16,7 +16,11 @@ of the script, whose timings mean nothing.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import statistics
+import sys
+import traceback
 
 import torch
 from torch.utils import benchmark
@@ -28,18 +32,36 @@ from pkm_lm.memory.values import value_bag
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def time_variants(fns: dict, args) -> dict[str, tuple[float, float, float]]:
-    """(median, min, max) over rounds of each fn's median seconds; fns alternate in a round."""
-    per_round = {name: [] for name in fns}
+def time_variants(fns: dict, args) -> dict[str, tuple[float, float, float] | str]:
+    """(median, min, max) over rounds of each fn's median seconds; fns alternate in a round.
+
+    A variant this build of torch cannot run (e.g. an op without a bf16 CUDA kernel) gets the
+    error's name instead of a timing; the others are still timed.
+    """
+    failed = {}
+    for name, fn in fns.items():
+        try:
+            fn()
+        except (RuntimeError, NotImplementedError) as err:
+            failed[name] = f"fails ({type(err).__name__})"
+            print(f"{name}: {type(err).__name__}: {str(err).splitlines()[0]}", file=sys.stderr)
+    per_round = {name: [] for name in fns if name not in failed}
     for _ in range(args.rounds):
-        for name, fn in fns.items():
-            timer = benchmark.Timer(stmt="fn()", globals={"fn": fn})
+        for name in per_round:
+            timer = benchmark.Timer(stmt="fn()", globals={"fn": fns[name]})
             per_round[name].append(timer.blocked_autorange(min_run_time=args.min_run_time).median)
-    return {n: (statistics.median(t), min(t), max(t)) for n, t in per_round.items()}
+    timed = {n: (statistics.median(t), min(t), max(t)) for n, t in per_round.items()}
+    return {name: timed.get(name, failed.get(name)) for name in fns}
 
 
-def cell(t: tuple[float, float, float]) -> str:
+def cell(t: tuple[float, float, float] | str) -> str:
+    if isinstance(t, str):
+        return t
     return f"{t[0] * 1e3:.3f} ms ({t[1] * 1e3:.3f}-{t[2] * 1e3:.3f})"
+
+
+def gbps(nbytes: int, seconds: float | None) -> str:
+    return "-" if seconds is None else f"{nbytes / seconds / 1e9:.0f}"
 
 
 def check(got, ref, what: str, tol: float) -> None:
@@ -61,9 +83,8 @@ def value_read(args, device, dtype_name: str) -> None:
     e = table.element_size()
     touched = indices.unique().numel()
 
-    def step(kernel, sparse, backward=True):
+    def step(kernel, sparse, backward=True, table=table, grad_out=grad_out):
         def fn():
-            weights.grad = table.grad = None
             out = value_bag(indices, weights, table, sparse, kernel)
             if not backward:
                 return out
@@ -72,9 +93,13 @@ def value_read(args, device, dtype_name: str) -> None:
 
         return fn
 
+    # Checked against the torch path in fp32 on the same values (it runs for every dtype).
+    table32 = table.detach().float().requires_grad_()
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     for sparse in (False, True):
-        check(step("triton", sparse)(), step("torch", sparse)(), f"value_bag sparse={sparse}", tol)
+        ref = step("torch", sparse, table=table32, grad_out=grad_out.float())()
+        check(step("triton", sparse)(), ref, f"value_bag sparse={sparse}", tol)
+    del ref, table32
     fns = {}
     for kernel in ("torch", "triton"):
         fns[f"{kernel}/forward"] = step(kernel, False, backward=False)
@@ -95,12 +120,13 @@ def value_read(args, device, dtype_name: str) -> None:
     print("| kernel | forward | fwd+bwd dense | fwd+bwd sparse | fwd GB/s | bwd dense GB/s |")
     print("|---|---|---|---|---|---|")
     for kernel in ("torch", "triton"):
-        fwd = res[f"{kernel}/forward"][0]
-        bwd = res[f"{kernel}/fwd+bwd dense"][0] - fwd
+        fwd, both = res[f"{kernel}/forward"], res[f"{kernel}/fwd+bwd dense"]
+        fwd = None if isinstance(fwd, str) else fwd[0]
+        bwd = None if fwd is None or isinstance(both, str) else both[0] - fwd
         print(
             f"| {kernel} | {cell(res[f'{kernel}/forward'])} | "
             f"{cell(res[f'{kernel}/fwd+bwd dense'])} | {cell(res[f'{kernel}/fwd+bwd sparse'])} | "
-            f"{fwd_bytes / fwd / 1e9:.0f} | {(bwd_bytes + dense_fill) / bwd / 1e9:.0f} |"
+            f"{gbps(fwd_bytes, fwd)} | {gbps(bwd_bytes + dense_fill, bwd)} |"
         )
     print(
         "fwd bytes = N*R*V*e + N*V*e + 12*N*R; bwd bytes = N*V*e + 2*touched*V*e + 16*N*R "
@@ -160,8 +186,9 @@ def sub_key_backward(args, device) -> None:
 
 
 def layer(args, device, autocast: str | None) -> None:
-    """Whole ProductKeyMemory forward + backward, kernel='torch' vs 'triton'."""
-    x = torch.randn(args.tokens, args.v_dim, device=device)
+    """Whole ProductKeyMemory forward + backward, kernel='torch' vs 'triton', and lucidrains'
+    product-key-memory (PyPI) at the same sizes when it is installed."""
+    x = torch.randn(1, args.tokens, args.v_dim, device=device)
     layers = {}
     for kernel in ("torch", "triton"):
         torch.manual_seed(0)
@@ -169,6 +196,13 @@ def layer(args, device, autocast: str | None) -> None:
             n_keys=args.n_keys, heads=args.heads, knn=args.knn, k_dim=args.k_dim, kernel=kernel
         )
         layers[kernel] = ProductKeyMemory(args.v_dim, args.v_dim, cfg).to(device).train()
+    if importlib.util.find_spec("product_key_memory") is not None:
+        from product_key_memory import PKM
+
+        layers["reference"] = PKM(
+            args.v_dim, heads=args.heads, num_keys=args.n_keys, topk=args.knn,
+            dim_head=args.k_dim // 2,
+        ).to(device).train()  # fmt: skip
 
     def step(model):
         def fn():
@@ -183,12 +217,18 @@ def layer(args, device, autocast: str | None) -> None:
     res = time_variants({k: step(m) for k, m in layers.items()}, args)
     print(
         f"\nlayer fwd+bwd, dim {args.v_dim}, {args.tokens} tokens, {args.n_keys}^2 slots, heads "
-        f"{args.heads}, knn {args.knn}, k_dim {args.k_dim}, autocast {autocast or 'off'}"
+        f"{args.heads}, knn {args.knn}, k_dim {args.k_dim}, autocast {autocast or 'off'}; "
+        "reference = lucidrains' product-key-memory (dense value gradient)"
     )
-    print("| kernel | ms (min-max) | ratio to torch |")
-    print("|---|---|---|")
-    for kernel, t in res.items():
-        print(f"| {kernel} | {cell(t)} | {t[0] / res['torch'][0]:.2f}x |")
+    print("| layer | ms (min-max) | ratio to torch | ratio to reference |")
+    print("|---|---|---|---|")
+    for name, t in res.items():
+        ratios = [
+            "-" if isinstance(t, str) or isinstance(res.get(base), str | None) else
+            f"{t[0] / res[base][0]:.2f}x"
+            for base in ("torch", "reference")
+        ]  # fmt: skip
+        print(f"| {name} | {cell(t)} | {ratios[0]} | {ratios[1]} |")
 
 
 def lazy_adam(args, device) -> None:
@@ -257,12 +297,22 @@ def main() -> None:
         f"{where}; torch {torch.__version__}, triton {triton.__version__}, "
         f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}"
     )
-    for dtype_name in DTYPES:
-        value_read(args, device, dtype_name)
-    sub_key_backward(args, device)
-    lazy_adam(args, device)
+    sections = [(f"value read {d}", functools.partial(value_read, args, device, d)) for d in DTYPES]
+    sections.append(("sub-key backward", functools.partial(sub_key_backward, args, device)))
+    sections.append(("LazyAdam", functools.partial(lazy_adam, args, device)))
     for autocast in (None, "bf16"):
-        layer(args, device, autocast)
+        sections.append((f"layer {autocast}", functools.partial(layer, args, device, autocast)))
+    failed = []
+    for name, section in sections:  # one failing section must not hide the others' tables
+        try:
+            section()
+        except Exception:
+            failed.append(name)
+            traceback.print_exc()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if failed:
+        raise SystemExit(f"failed sections: {', '.join(failed)}")
 
 
 if __name__ == "__main__":
