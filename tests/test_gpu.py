@@ -191,14 +191,19 @@ def no_host_sync():
         torch.cuda.set_sync_debug_mode(0)
 
 
+@pytest.mark.parametrize("kernel", ["torch", "triton"])
 @pytest.mark.parametrize("sparse_grad", [True, False], ids=["sparse", "dense"])
-def test_a_training_step_of_the_layer_never_waits_for_the_host(sparse_grad):
+def test_a_training_step_of_the_layer_never_waits_for_the_host(sparse_grad, kernel):
+    if kernel == "triton":
+        pytest.importorskip("triton")
     torch.manual_seed(5)
-    mem = layer(sparse_grad).cuda()
+    mem = layer(sparse_grad, kernel=kernel).cuda()
     values = [mem.values.weight]
     rest = [p for p in mem.parameters() if p is not mem.values.weight]
     value_opt = (
-        LazyAdam(values, lr=1e-3) if sparse_grad else torch.optim.Adam(values, lr=1e-3, fused=True)
+        LazyAdam(values, lr=1e-3, kernel=kernel)
+        if sparse_grad
+        else torch.optim.Adam(values, lr=1e-3, fused=True)
     )
     opts = [value_opt, torch.optim.Adam(rest, lr=1e-3, fused=True)]
     x, g = torch.randn(4, 64, 96, device="cuda"), torch.randn(4, 64, 96, device="cuda")
@@ -216,6 +221,25 @@ def test_a_training_step_of_the_layer_never_waits_for_the_host(sparse_grad):
         step()
     torch.cuda.synchronize()
     assert all(torch.isfinite(p).all() for p in mem.parameters())
+
+
+def test_torch_kernel_trains_a_bf16_value_table_on_cuda():
+    """Torch has no CUDA bf16 kernel for the read-weight gradient: the layer gathers instead."""
+    torch.manual_seed(6)
+    mem = layer(True, kernel="torch").cuda()
+    reference = copy.deepcopy(mem)
+    mem.values.to(torch.bfloat16)
+    reference.values.weight.data.copy_(mem.values.weight.float())
+    x = torch.randn(2, 64, 96, device="cuda")
+    for m in (mem, reference):
+        m(x).float().square().sum().backward()
+    assert mem.values.weight.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(
+        mem.query_net.weight.grad,
+        reference.query_net.weight.grad,
+        rtol=0.05,
+        atol=0.05 * reference.query_net.weight.grad.abs().max().item(),
+    )
 
 
 @contextlib.contextmanager

@@ -44,7 +44,7 @@ class LazyAdam(torch.optim.Optimizer):
         betas=(0.9, 0.999),
         eps: float = 1e-8,
         row_wise: bool = False,
-        kernel: str = "torch",
+        kernel: str = "auto",
     ):
         if lr < 0 or eps < 0 or not all(0.0 <= b < 1.0 for b in betas):
             raise ValueError(

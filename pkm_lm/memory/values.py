@@ -105,14 +105,29 @@ def row_gradients(
     )  # one bag per row over grad_out: no (reads x width) buffer
     if table is None:
         return grads, None
-    # Torch's embedding-bag backward computes the dot products in one pass over the rows
-    # read (no (reads x width) buffer, no re-run of the forward).
+    return grads, read_weight_gradients(indices, grad_out, table)
+
+
+def read_weight_gradients(
+    indices: torch.Tensor, grad_out: torch.Tensor, table: torch.Tensor
+) -> torch.Tensor:
+    """grad_out[n] . table[indices[n, j]] for every read, shaped like ``indices``.
+
+    Torch's embedding-bag backward computes these in one pass over the rows read (no
+    (reads x width) buffer, no re-run of the forward), but has no CUDA kernel for bf16 tables:
+    those gather the rows read instead.
+    """
+    n, per_bag = indices.shape
+    if table.dtype == torch.bfloat16 and table.device.type == "cuda":
+        return torch.einsum("nrv,nv->nr", table[indices].float(), grad_out.float()).to(
+            grad_out.dtype
+        )
     offsets = torch.arange(0, n * per_bag, per_bag, device=indices.device)
     offset2bag = torch.arange(n, device=indices.device)[:, None].expand(n, per_bag).reshape(-1)
     weight_grads = torch.ops.aten._embedding_bag_per_sample_weights_backward(
         grad_out, table, indices.reshape(-1), offsets, offset2bag, 0
     )
-    return grads, weight_grads.view(n, per_bag)
+    return weight_grads.view(n, per_bag)
 
 
 class _ValueBag(torch.autograd.Function):
