@@ -422,7 +422,8 @@ def make_report(group: str, runs: list[Run], out: Path, scale: str) -> Path:
         ]
     if len(seeds) > len(runs):
         lines += [
-            f"Seeds: {len(seeds) - unfinished} of {len(seeds)} runs finished; test perplexity is "
+            f"Seeds: {len(seeds) - unfinished} of the {len(seeds)} seed runs found are evaluated "
+            "(runs not yet started are not counted); test perplexity is "
             "the mean +- the standard deviation over the finished seeds (n). A gap marked (noise) is "
             f"within {NOISE_SE:g} standard errors of the difference of two means.",
         ]
