@@ -245,9 +245,21 @@ class LoggerConfig:
 
 
 # Settings a resumed run must keep: they decide what it trains. Intervals, max_steps, precision,
-# device, logger and data.dir may change between a run and its resumption.
-_RESUME_FIXED = [("model", None), ("data", "seq_len"), ("data", "shuffle"),
-                 ("train", "batch_size"), ("train", "seed")]  # fmt: skip
+# device, logger and data.dir may change between a run and its resumption, and so may the
+# memory kernel (the torch and Triton paths compute the same numbers).
+_RESUME_FIXED = ("model.", "data.seq_len", "data.shuffle", "train.batch_size", "train.seed")
+_RESUME_FREE = ("model.memory.kernel",)
+
+
+def _leaves(tree: dict, prefix: str = "") -> dict:
+    """{"a.b.c": value} for every non-dict value of a nested dict."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 @dataclass
@@ -280,14 +292,15 @@ class TrainConfig:
     def check_resumable(self, saved: dict, source: str) -> None:
         """Refuse to resume ``source``, trained under ``saved`` (a config as plain containers),
         with settings that change what it trains."""
-        now = OmegaConf.to_container(OmegaConf.structured(self))
-        keys = []
-        for group, key in _RESUME_FIXED:
-            keys += [(group, k) for k in now[group]] if key is None else [(group, key)]
+        now = _leaves(OmegaConf.to_container(OmegaConf.structured(self)))
+        # A setting the run's code did not have yet (absent from `saved`) kept its default then.
         changed = [
-            f"{group}.{key}: {saved[group][key]!r} -> {now[group][key]!r}"
-            for group, key in keys
-            if saved[group].get(key) != now[group][key]
+            f"{key}: {value!r} -> {now[key]!r}"
+            for key, value in _leaves(saved).items()
+            if key.startswith(_RESUME_FIXED)
+            and key not in _RESUME_FREE
+            and key in now
+            and value != now[key]
         ]
         if changed:
             raise ConfigError(

@@ -208,6 +208,16 @@ def test_resume_check_refuses_what_changes_the_training_and_allows_the_rest():
     assert "device" not in str(err.value)
 
 
+def test_resume_check_accepts_an_older_run_and_another_memory_kernel():
+    saved = OmegaConf.to_container(OmegaConf.structured(compose_train([])))
+    del saved["model"]["memory"]["gated"]  # a setting the run's code did not have yet
+    saved["model"]["memory"]["kernel"] = "torch"  # how the layer computes, not what
+    compose_train([]).check_resumable(saved, "ckpt")
+    saved["model"]["memory"]["knn"] = 16
+    with pytest.raises(ValueError, match=r"model\.memory\.knn: 16 -> 32"):
+        compose_train([]).check_resumable(saved, "ckpt")
+
+
 def test_train_device_is_validated():
     with pytest.raises(ValueError, match=r"train\.device=.?gpu") as err:
         compose_train(["train.device=gpu"])
