@@ -251,12 +251,12 @@ _RESUME_FIXED = ("model.", "data.seq_len", "data.shuffle", "train.batch_size", "
 _RESUME_FREE = ("model.memory.kernel",)
 
 
-def _leaves(tree: dict, prefix: str = "") -> dict:
-    """{"a.b.c": value} for every non-dict value of a nested dict."""
+def flatten(tree: dict, sep: str = ".", prefix: str = "") -> dict:
+    """{"a.b.c": value} for every non-dict value of a nested dict (keys joined by ``sep``)."""
     out = {}
     for key, value in tree.items():
         if isinstance(value, dict):
-            out.update(_leaves(value, f"{prefix}{key}."))
+            out.update(flatten(value, sep, f"{prefix}{key}{sep}"))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -292,11 +292,11 @@ class TrainConfig:
     def check_resumable(self, saved: dict, source: str) -> None:
         """Refuse to resume ``source``, trained under ``saved`` (a config as plain containers),
         with settings that change what it trains."""
-        now = _leaves(OmegaConf.to_container(OmegaConf.structured(self)))
+        now = flatten(OmegaConf.to_container(OmegaConf.structured(self)))
         # A setting the run's code did not have yet (absent from `saved`) kept its default then.
         changed = [
             f"{key}: {value!r} -> {now[key]!r}"
-            for key, value in _leaves(saved).items()
+            for key, value in flatten(saved).items()
             if key.startswith(_RESUME_FIXED)
             and key not in _RESUME_FREE
             and key in now

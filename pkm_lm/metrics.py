@@ -13,6 +13,7 @@ from typing import Any
 from torch import nn
 
 from pkm_lm.atomic import atomic_write_text, save_figure
+from pkm_lm.config import flatten
 from pkm_lm.errors import NotInstalledError
 from pkm_lm.memory import MemoryStats
 
@@ -117,22 +118,12 @@ class MetricLogger:
             print(line, flush=True)
         if self.wandb_run is not None:
             prefix = record["kind"] if record["kind"] == "train" else record["split"]
-            flat = _flatten({k: v for k, v in record.items() if k not in ("kind", "split")})
+            flat = flatten({k: v for k, v in record.items() if k not in ("kind", "split")}, "/")
             self.wandb_run.log({f"{prefix}/{k}": v for k, v in flat.items()}, step=record["step"])
 
     def close(self) -> None:
         if self.wandb_run is not None:
             self.wandb_run.finish()
-
-
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def safe_ppl(loss: float) -> float:
