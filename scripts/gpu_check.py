@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import re
 import shlex
@@ -270,7 +271,7 @@ def train_verdict(ctx: Context, codes: list[int]) -> Result:
         eval_usage = min(m["usage"] for m in evals[-1]["memory"].values())
         ppl = [round(r["ppl"], 1) for r in evals]
         problems = []
-        if not all(_finite(r["loss"]) for r in train):
+        if not all(math.isfinite(r["loss"]) for r in train):
             problems.append("non-finite loss")
         if last["skipped_steps"] > (0.1 if precision == "fp16" else 0) * last["step"]:
             problems.append(f"{last['skipped_steps']} skipped steps")
@@ -289,7 +290,7 @@ def train_verdict(ctx: Context, codes: list[int]) -> Result:
     if codes[2] != 0:
         return Result("FAIL", notes + failed(codes[2:3], "evaluate").notes)
     test = [r for r in read_metrics(ctx.run_dir("bf16")) if r.get("split") == "test"]
-    if not test or not _finite(test[-1]["loss"]):
+    if not test or not math.isfinite(test[-1]["loss"]):
         return Result("FAIL", [*notes, "evaluate wrote no finite test record"])
     notes.append(f"evaluate (bf16 run, test): ppl {test[-1]['ppl']:.1f}")
     if codes[3] != 0:
@@ -358,10 +359,6 @@ def repro_verdict(ctx: Context, codes: list[int]) -> Result:
         return Result("FAIL", ["sweep.sh wrote no headline table"])
     names = ", ".join(t.name for t in tables)
     return Result("PASS", [f"{names}: below"], details="\n\n".join(t.read_text() for t in tables))
-
-
-def _finite(x: float) -> bool:
-    return x == x and abs(x) != float("inf")
 
 
 STAGES = [
