@@ -208,16 +208,20 @@ def fmt_ppl(run: Run) -> str:
     return f"{ppl(run):,.2f} +- {std:,.2f} (n={len(run.done)})"
 
 
-def difference(a: Run, b: Run) -> tuple[float, bool | None]:
-    """(relative gap of a's mean test perplexity to b's, whether it exceeds the seed noise).
+def compare(a: list[float], b: list[float]) -> tuple[float, bool | None]:
+    """(relative gap of the mean of ``a`` to the mean of ``b``, whether it exceeds the seed noise).
 
     The noise verdict is None while either side has fewer than two seeds (no spread known)."""
-    gap = ppl(a) / ppl(b) - 1
-    sa, sb = ppl_std(a), ppl_std(b)
-    if sa is None or sb is None:
-        return gap, None
-    se = math.sqrt(sa**2 / len(a.done) + sb**2 / len(b.done))
-    return gap, abs(ppl(a) - ppl(b)) > NOISE_SE * se
+    mean_a, mean_b = statistics.fmean(a), statistics.fmean(b)
+    if len(a) < 2 or len(b) < 2:
+        return mean_a / mean_b - 1, None
+    se = math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
+    return mean_a / mean_b - 1, abs(mean_a - mean_b) > NOISE_SE * se
+
+
+def difference(a: Run, b: Run) -> tuple[float, bool | None]:
+    """``compare`` on two experiments' test perplexities, one per finished seed."""
+    return compare([s.test["ppl"] for s in a.done], [s.test["ppl"] for s in b.done])
 
 
 def fmt_gap(a: Run, b: Run) -> str:
@@ -293,6 +297,91 @@ def claims_table(runs: list[Run], scale: str) -> list[str]:
             verdict = "holds" if gap < 0 else "reversed"
         lines.append(f"| {claim} | {fmt_ppl(a)} | {fmt_ppl(b)} | {gap:+.1%} | {verdict} |")
     return lines
+
+
+def valid_at(run: Run, tokens: int) -> list[float]:
+    """The validation perplexity of each seed that was evaluated after ``tokens`` training tokens."""
+    return [c[tokens] for s in run.seeds if tokens in (c := dict(s.curve))]
+
+
+def fmt_values(values: list[float]) -> str:
+    """'431.7' for one value, '431.7 +- 8.2' for several (mean +- standard deviation)."""
+    if len(values) < 2:
+        return fmt(values[0], 1) if values else "-"
+    return f"{statistics.fmean(values):,.1f} +- {statistics.stdev(values):,.1f}"
+
+
+def claims_along_training(runs: list[Run], scale: str) -> list[str]:
+    """The claims on the validation split at every evaluation all the group's runs reached: where
+    a gap opens, closes or turns, measured rather than read off the plot."""
+    by_name = {r.name: r for r in runs}
+    claims = [
+        (c, by_name[lo], by_name[hi])
+        for c, lo, hi in headline_claims(scale)
+        if lo in by_name and hi in by_name
+    ]
+    reached = [{t for s in r.seeds for t, _ in s.curve} for r in runs]
+    tokens = sorted(set.intersection(*reached)) if reached else []
+    if not claims or not tokens:
+        return []
+    lines = [
+        "| tokens | "
+        + " | ".join(r.name for r in runs)
+        + " | "
+        + " | ".join(c for c, _, _ in claims)
+        + " |",
+        "|---" * (1 + len(runs) + len(claims)) + "|",
+    ]
+    gaps: dict[str, list[tuple[int, float]]] = {c: [] for c, _, _ in claims}
+    for t in tokens:
+        cells = [fmt_values(valid_at(r, t)) for r in runs]
+        for claim, a, b in claims:
+            gap, beyond = compare(valid_at(a, t), valid_at(b, t))
+            gaps[claim].append((t, gap))
+            cells.append(f"{gap:+.1%}" + (" (noise)" if beyond is False else ""))
+        lines.append(f"| {t:,} | " + " | ".join(cells) + " |")
+    lines += ["", *trend_notes(gaps)]
+    return lines
+
+
+def gap_crossing(points: list[tuple[int, float]]) -> float | None:
+    """Where a straight line through (log tokens, gap) over the later half of the evaluations
+    (three at least) reaches zero gap; None when the gap is not moving toward zero there."""
+    later = points[len(points) // 2 :] if len(points) >= 6 else points[-3:]
+    if len(later) < 3:
+        return None
+    x = [math.log(t) for t, _ in later]
+    slope, intercept = statistics.linear_regression(x, [g for _, g in later])
+    if slope == 0 or (later[-1][1] > 0) == (slope > 0):
+        return None
+    return math.exp(-intercept / slope)
+
+
+def trend_notes(gaps: dict[str, list[tuple[int, float]]]) -> list[str]:
+    """For each claim that does not hold at the last evaluation: where its gap is heading."""
+    notes = []
+    for claim, points in gaps.items():
+        (first_t, first), (last_t, last) = points[0], points[-1]
+        if last < 0:
+            continue
+        crossing = gap_crossing(points)
+        if len(points) < 3:
+            trend = "Too few evaluations to tell where it is heading."
+        elif crossing is None:
+            trend = (
+                "It is not closing over the later evaluations: the curves give no token count "
+                "at which the claim would hold."
+            )
+        else:
+            trend = (
+                f"A straight line through its later points (gap against log tokens) reaches zero "
+                f"at about {crossing:,.0f} tokens: an extrapolation, not a measurement."
+            )
+        notes.append(
+            f"- {claim}: the gap went from {first:+.1%} at {first_t:,} tokens to {last:+.1%} at "
+            f"{last_t:,}. {trend}"
+        )
+    return notes
 
 
 def table1_grid(runs: list[Run]) -> list[str]:
@@ -436,6 +525,18 @@ def make_report(group: str, runs: list[Run], out: Path, scale: str) -> Path:
     ]
     if group == "headline":
         lines += ["## The claims", "", *claims_table(runs, scale), ""]
+        along = claims_along_training(runs, scale)
+        if along:
+            lines += [
+                "## The claims along training (validation split)",
+                "",
+                "Validation perplexity (mean +- std over the seeds evaluated there) and each claim's "
+                "gap (lower / higher - 1: negative when the claim holds), at every evaluation all "
+                "runs reached.",
+                "",
+                *along,
+                "",
+            ]
     plots = []
     if group == "table1":
         lines += ["## Table 1 (test perplexity: ours (paper))", "", *table1_grid(runs), ""]

@@ -238,6 +238,28 @@ def test_make_table_with_seeds():
     assert mem.curve == [(32000, 580.0), (64000, 490.0)]
 
 
+def test_claims_along_training_judge_each_evaluation_against_the_seed_noise():
+    runs = make_table.collect("headline", FIXTURES / "runs_seeds", "tiny")
+    two = {r.name: r for r in runs}[registry.HEADLINE[2]]
+    assert make_table.valid_at(two, 32000) == [615.0, 630.0, 640.0]  # the unfinished seed counts
+    rows = make_table.claims_along_training(runs, "tiny")
+    assert rows[2].startswith("| 32,000 | 620.0 +- 4.0 | 580.0 +- 10.0 | 628.3 +- 12.6 | -7.7% |")
+    assert rows[3].endswith("| +1.6% (noise) |")
+
+
+def test_gap_crossing_extrapolates_a_closing_gap_in_log_tokens():
+    # gap = 0.1 - 0.02 * log2(t / 1000): zero at 1000 * 2**5 tokens
+    closing = [(1000 * 2**k, 0.1 - 0.02 * k) for k in range(4)]
+    assert make_table.gap_crossing(closing) == pytest.approx(32000)
+    assert make_table.gap_crossing([(t, -g) for t, g in closing]) == pytest.approx(32000)
+    opening = [(t, 0.2 - g) for t, g in closing]
+    assert make_table.gap_crossing(opening) is None
+    assert make_table.gap_crossing(closing[:2]) is None  # two points: no trend
+    notes = make_table.trend_notes({"2L < L": closing, "holds": [(1000, 0.1), (2000, -0.1)]})
+    assert len(notes) == 1 and "about 32,000 tokens: an extrapolation" in notes[0]
+    assert "not closing" in make_table.trend_notes({"2L < L": opening})[0]
+
+
 def test_make_table_on_seed_fixtures(tmp_path):
     runs = make_table.collect("headline", FIXTURES / "runs_seeds", "tiny")
     md = make_table.make_report("headline", runs, tmp_path, "tiny")
