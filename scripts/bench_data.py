@@ -22,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
+from machine import describe
+
 from pkm_lm import cli
 from pkm_lm.errors import NotFoundError
 
@@ -90,11 +93,8 @@ def step_rates(manifest: dict) -> dict[str, float]:
 def bench_loader(
     data_dir: Path, seq_len: int, batch_size: int, seconds: float
 ) -> list[tuple[str, float]]:
-    import torch
-
     from pkm_lm.data import TokenStream, eval_batches, open_split
 
-    torch.set_num_threads(1)
     tokens = open_split(data_dir, "train")
     rows = []
     for shuffle in (False, True):
@@ -157,6 +157,8 @@ def main() -> None:
     raw = ROOT / args.raw
     if not (raw / "train.txt").is_file():
         raise NotFoundError(f"{raw}/train.txt not found: run `make data` first")
+    torch.set_num_threads(1)  # the loader's timings, in this process
+    print(describe())
     max_bytes = int(args.max_mb * 1e6) if args.max_mb else None
     rows, loader_dir = [], None
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:

@@ -23,6 +23,7 @@ import sys
 import traceback
 
 import torch
+from machine import describe
 from torch.utils import benchmark
 
 from pkm_lm.memory import LazyAdam, MemoryConfig, ProductKeyMemory
@@ -283,10 +284,9 @@ def main() -> None:
     from pkm_lm.memory import triton_bag  # triton is needed from here on
 
     if torch.cuda.is_available():
-        device = torch.device("cuda")
-        where = torch.cuda.get_device_name()
+        device, note = torch.device("cuda"), ""
     elif triton_bag.INTERPRETED:
-        device, where = torch.device("cpu"), "CPU, Triton interpreter (timings meaningless)"
+        device, note = torch.device("cpu"), "; Triton interpreter on the CPU (timings meaningless)"
     else:
         raise SystemExit(
             "bench_kernels.py needs a CUDA device (or TRITON_INTERPRET=1 for a smoke run)"
@@ -294,8 +294,8 @@ def main() -> None:
     import triton
 
     print(
-        f"{where}; torch {torch.__version__}, triton {triton.__version__}, "
-        f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}"
+        f"{describe(device)}, triton {triton.__version__}, "
+        f"TF32 matmul {torch.backends.cuda.matmul.allow_tf32}{note}"
     )
     sections = [(f"value read {d}", functools.partial(value_read, args, device, d)) for d in DTYPES]
     sections.append(("sub-key backward", functools.partial(sub_key_backward, args, device)))

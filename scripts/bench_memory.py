@@ -24,8 +24,6 @@ import argparse
 import gc
 import importlib.util
 import json
-import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -33,6 +31,7 @@ import sys
 import time
 
 import torch
+from machine import describe
 
 from pkm_lm import cli
 from pkm_lm.memory import LazyAdam, MemoryConfig, ProductKeyMemory
@@ -188,21 +187,6 @@ def peak_table(variants: list[str], n: int, device: str, threads: int) -> None:
         )
 
 
-def machine(device: str, threads: int) -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if device == "cuda" else ""
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
-    return (
-        f"CPU {cpu} ({os.cpu_count()} cores), {threads} threads{gpu}, torch {torch.__version__}, "
-        f"load average {load}"
-    )
-
-
 def print_tables(rows: list[dict], variants: list[str]) -> None:
     def ms(values):
         return f"{statistics.median(values) * 1000:.0f} ms"
@@ -285,7 +269,7 @@ def main() -> None:
         variants.append("triton")
     variants = [v for v in variants if v != "reference"] + ["reference"]
     torch.set_num_threads(args.threads)
-    print(machine(args.device, args.threads))
+    print(describe(args.device))
     print(
         f"input/output dim {DIM}, {BATCH}x{SEQ} tokens, heads {HEADS}, knn {KNN}, k_dim {K_DIM}, "
         f"{args.rounds} rounds\n"
@@ -293,7 +277,7 @@ def main() -> None:
     if not args.peak_only:
         rows = speed_table(variants, args.sizes, args.rounds, args.device, not args.no_steps)
         print_tables(rows, variants)
-        print(f"\nafter the timings: {machine(args.device, args.threads)}")
+        print(f"\nafter the timings: {describe(args.device)}")
     if not args.no_peak:
         peak_table(variants, args.sizes[-1], args.device, args.threads)
 

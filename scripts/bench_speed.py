@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
 import random
 import statistics
 import sys
@@ -36,6 +34,7 @@ import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+from machine import cpu_model, describe, load_average  # noqa: E402
 
 from pkm_lm import cli  # noqa: E402
 from pkm_lm.atomic import atomic_write_text, save_figure  # noqa: E402
@@ -260,17 +259,6 @@ def table1_report(res: dict, out: Path) -> list[str]:
     return lines
 
 
-def cpu_model() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo, else what platform knows)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(
-                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
-            )
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown CPU"
-
-
 @cli.main
 def main() -> None:
     parser = argparse.ArgumentParser(
@@ -286,7 +274,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    load = load_average()
+    print(describe())
     parts = ("memsize", "table1") if args.part == "all" else (args.part,)
     results_path = args.out / "speed.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}

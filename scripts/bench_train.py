@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import statistics
 import time
@@ -26,6 +25,7 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from machine import describe
 
 from pkm_lm import cli
 from pkm_lm.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, TrainLoopConfig
@@ -148,20 +148,6 @@ def ddp_train_speeds(args, cfgs: list[ModelConfig], world: int) -> list[tuple[fl
     return out.get()
 
 
-def machine(device: torch.device, threads: int) -> str:
-    """The conditions beside the numbers: CPU model, threads, load, and the GPU if used."""
-    cpu = platform.processor() or platform.machine()
-    if os.path.isfile("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
-    line = f"CPU {cpu} ({os.cpu_count()} cores), {threads} threads, load {load}"
-    if device.type == "cuda":
-        line += f"; GPU {torch.cuda.get_device_name(device)}, CUDA {torch.version.cuda}"
-    return line + f"; torch {torch.__version__}"
-
-
 @cli.main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -194,7 +180,7 @@ def main() -> None:
         (f"{L} layers + 1 memory (|K|={args.n_keys}^2)", model_config(args, L, True)),
         (f"{2 * L} layers", model_config(args, 2 * L, False)),
     ]
-    print(machine(device, args.threads))
+    print(describe(device))
     print(
         f"dim {args.dim}, {args.heads} heads, seq {args.seq_len}, batch {args.batch}, vocab "
         f"{args.vocab}, {args.precision}, {device}; {args.steps} timed steps after "
@@ -220,7 +206,7 @@ def main() -> None:
         print(f"| {name} | {n_params / 1e6:.1f}M | {cell(train[i])} | {cell(infer[i])} | {cells}")
     print(f"\nmemory / same depth, training: {train[1][0] / train[0][0]:.2f}x (target >= 0.8x)")
     print(f"memory / {2 * L} layers, inference: {infer[1][0] / infer[2][0]:.2f}x (target >= 1.6x)")
-    print(machine(device, args.threads))
+    print(describe(device))
 
 
 if __name__ == "__main__":
