@@ -286,7 +286,7 @@ def claims_table(runs: list[Run], scale: str) -> list[str]:
     for claim, lower, higher in headline_claims(scale):
         a, b = by_name.get(lower), by_name.get(higher)
         if a is None or b is None:
-            lines.append(f"| {claim} | - | - | - | not finished |")
+            lines.append(f"| {claim}: {lower} < {higher} | - | - | - | not finished |")
             continue
         gap, beyond = difference(a, b)
         if beyond is None:
@@ -295,7 +295,9 @@ def claims_table(runs: list[Run], scale: str) -> list[str]:
             verdict = "within the seed noise"
         else:
             verdict = "holds" if gap < 0 else "reversed"
-        lines.append(f"| {claim} | {fmt_ppl(a)} | {fmt_ppl(b)} | {gap:+.1%} | {verdict} |")
+        lines.append(
+            f"| {claim}: {lower} < {higher} | {fmt_ppl(a)} | {fmt_ppl(b)} | {gap:+.1%} | {verdict} |"
+        )
     return lines
 
 
@@ -523,8 +525,9 @@ def make_report(group: str, runs: list[Run], out: Path, scale: str) -> Path:
         f"The paper: {GROUPS[group].finding}",
         "",
     ]
-    if group == "headline":
+    if group in ("headline", "table1"):  # table1 holds the headline's three cells
         lines += ["## The claims", "", *claims_table(runs, scale), ""]
+    if group == "headline":
         along = claims_along_training(runs, scale)
         if along:
             lines += [
