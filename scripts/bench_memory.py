@@ -173,7 +173,8 @@ def peak_table(variants: list[str], n: int, device: str, threads: int) -> None:
         return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
     names = [v for v in variants if v != "flat"]
-    names.insert(names.index("ours") + 1, "ours_rowwise") if "ours" in names else None
+    if "ours" in names:
+        names.insert(names.index("ours") + 1, "ours_rowwise")
     peaks = {v: run(v) for v in names}
     what = "allocated GPU memory" if device == "cuda" else "RSS"
     print(f"\nPeak {what} at {n}^2 (GiB, a fresh process each; Adam is torch's default)")

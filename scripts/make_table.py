@@ -224,9 +224,8 @@ def difference(a: Run, b: Run) -> tuple[float, bool | None]:
     return compare([s.test["ppl"] for s in a.done], [s.test["ppl"] for s in b.done])
 
 
-def fmt_gap(a: Run, b: Run) -> str:
-    """'+3.2%', with '(noise)' when the gap is within the seed noise."""
-    gap, beyond = difference(a, b)
+def fmt_gap(gap: float, beyond: bool | None) -> str:
+    """'+3.2%' for a ``compare`` result, with '(noise)' when the gap is within the seed noise."""
     return f"{gap:+.1%}" + (" (noise)" if beyond is False else "")
 
 
@@ -265,7 +264,7 @@ def details_table(runs: list[Run]) -> list[str]:
         # Tokens at the test evaluation; an unfinished run shows how far it has trained.
         tested = [s.test["tokens"] for s in r.done]
         tokens = max(tested) if tested else max((t["tokens"] for t in train), default=None)
-        vs_best = "-" if not r.done or r is best else fmt_gap(r, best)
+        vs_best = "-" if not r.done or r is best else fmt_gap(*difference(r, best))
         lines.append(
             f"| {r.name} | {describe(r)} | {fmt_ppl(r) if r.done else '-'} | {vs_best} "
             f"| {fmt(paper_ppl(r))} | {fmt(r.valid_ppl)} | {fmt(r.mem_mean('usage'), 1)} "
@@ -340,7 +339,7 @@ def claims_along_training(runs: list[Run], scale: str) -> list[str]:
         for claim, a, b in claims:
             gap, beyond = compare(valid_at(a, t), valid_at(b, t))
             gaps[claim].append((t, gap))
-            cells.append(f"{gap:+.1%}" + (" (noise)" if beyond is False else ""))
+            cells.append(fmt_gap(gap, beyond))
         lines.append(f"| {t:,} | " + " | ".join(cells) + " |")
     lines += ["", *trend_notes(gaps)]
     return lines
