@@ -7,11 +7,35 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 from .config import MemoryConfig, pick_kernel
 from .select import candidate_pairs, flat_topk, product_topk
 from .stats import MemoryStats
 from .values import value_bag
+
+
+def query_norm(kind: str, heads: int, q_size: int) -> nn.Module | None:
+    """The norm of ``q_size = heads * k_dim`` queries that ``MemoryConfig.query_norm`` names.
+
+    "batchnorm" normalises each feature over the batch, whose later positions a causal LM must
+    not see: in training a token's output then depends on the tokens after it (in evaluation the
+    running statistics are fixed, and it does not). "layernorm" normalises each head's query over
+    its own k_dim features (one group per head), with a per-feature scale and shift: per token,
+    so causal.
+    """
+    if kind == "batchnorm":
+        return nn.BatchNorm1d(q_size)
+    if kind == "layernorm":
+        return nn.GroupNorm(heads, q_size)
+    return None
+
+
+def _rename_query_bn(module, state_dict, prefix, *args) -> None:
+    """Load a state dict saved when the query norm was the attribute ``query_bn``."""
+    old = prefix + "query_bn."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[prefix + "query_norm." + key[len(old) :]] = state_dict.pop(key)
 
 
 class ProductKeyMemory(nn.Module):
@@ -34,7 +58,8 @@ class ProductKeyMemory(nn.Module):
             self.query_net = nn.Sequential(
                 nn.Linear(input_dim, input_dim), nn.ReLU(), nn.Linear(input_dim, q_size)
             )
-        self.query_bn = nn.BatchNorm1d(q_size) if cfg.query_batchnorm else None
+        self.query_norm = query_norm(cfg.query_norm, cfg.heads, q_size)
+        self.register_load_state_dict_pre_hook(_rename_query_bn)
         if cfg.keys == "product":
             self.sub_keys = nn.Parameter(torch.empty(cfg.heads, 2, cfg.n_keys, cfg.k_dim // 2))
             # A buffer, so it moves with the module and no forward copies it from the host.
@@ -62,11 +87,11 @@ class ProductKeyMemory(nn.Module):
         self.values.weight.normal_(0.0, self.values.weight.shape[1] ** -0.5)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, input_dim) -> (N, heads, k_dim): the query network, BatchNorm included."""
+        """(N, input_dim) -> (N, heads, k_dim): the query network, its norm included."""
         cfg = self.config
         q = self.query_net(x)
-        if self.query_bn is not None:
-            q = self.query_bn(q.to(self.query_bn.weight.dtype))  # BN in fp32 under autocast
+        if self.query_norm is not None:  # the norm in fp32 under autocast
+            q = self.query_norm(q.to(self.query_norm.weight.dtype))
         q = F.dropout(q, cfg.query_dropout, self.training)
         return q.view(x.shape[0], cfg.heads, cfg.k_dim)
 
@@ -90,21 +115,26 @@ class ProductKeyMemory(nn.Module):
         cfg = self.config
         lead_shape = x.shape[:-1]
         x = F.dropout(x.reshape(-1, self.input_dim), cfg.input_dropout, self.training)
-        scores, indices = self.select(self.query(x))  # (N, H, knn)
-        weights = torch.softmax(
-            scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)
-        )
+        # Named regions for torch.profiler (pkm_lm.perf.profile); free when it is not running.
+        with record_function("query"):
+            query = self.query(x)
+        with record_function("select"):
+            scores, indices = self.select(query)  # (N, H, knn)
+            weights = torch.softmax(
+                scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)
+            )
         weights = F.dropout(weights, cfg.value_dropout, self.training)
         if self.stats is not None:
             self.stats.update(indices.detach(), weights.detach())
         n = x.shape[0]
-        out = value_bag(
-            indices.reshape(n, -1),
-            weights.reshape(n, -1),
-            self.values.weight,
-            cfg.sparse_grad,
-            pick_kernel(cfg.kernel, x.device),
-        )  # (N, v_dim), summed over heads and knn
+        with record_function("value_read"):
+            out = value_bag(
+                indices.reshape(n, -1),
+                weights.reshape(n, -1),
+                self.values.weight,
+                cfg.sparse_grad,
+                pick_kernel(cfg.kernel, x.device),
+            )  # (N, v_dim), summed over heads and knn
         if self.value_proj is not None:
             out = self.value_proj(out)
         if self.gate is not None:
