@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .values import sort_reads, touched_rows
+from .values import row_sparse_gradient, sort_reads, touched_rows
 
 INTERPRETED = bool(triton.knobs.runtime.interpret)  # read when the kernels below are decorated
 
@@ -179,10 +179,7 @@ def bag_backward(
     if not need_table:
         return grad_weights, None
     if sparse:
-        grad_table = torch.sparse_coo_tensor(
-            rows[None], grad_rows, table.shape, is_coalesced=True, check_invariants=False
-        )
-        return grad_weights, grad_table
+        return grad_weights, row_sparse_gradient(table, rows, grad_rows)
     return grad_weights, grad_rows
 
 

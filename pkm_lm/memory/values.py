@@ -11,14 +11,17 @@ its size is known without asking the device.
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .cpu_ops import fused_cpu
 
-# Gradient memory per parameter (keyed by where its data lives), the most recent few.
-_GRAD_MEMORY: dict[tuple[int, int], torch.UntypedStorage] = {}
-_GRAD_MEMORY_SLOTS = 16
+# Gradient memory of each value table, owned by the table: an entry dies with its parameter.
+_GRAD_MEMORY: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_GRAD_MEMORY_LOCK = threading.Lock()  # two backward passes must not both take one buffer
 
 
 def reusable_empty(param: torch.Tensor, rows: int) -> torch.Tensor:
@@ -26,31 +29,68 @@ def reusable_empty(param: torch.Tensor, rows: int) -> torch.Tensor:
     one once nothing holds that any more (autograd, ``param.grad``, an optimizer, a view).
 
     On CPU a fresh allocation this large page-faults at ~2 GB/s, most of the backward's time
-    otherwise; the reuse costs one gradient's memory kept between steps.
+    otherwise; the reuse costs one gradient's memory kept between steps, freed with ``param``.
+    Where torch cannot count a storage's users, nothing is reused.
     """
     shape = (rows, param.shape[1])
-    key = (param.data_ptr(), param.numel())
-    storage = _GRAD_MEMORY.get(key)
     needed = rows * param.shape[1] * param.element_size()
-    if storage is None or storage.nbytes() < needed or _storage_users(storage) > 1:
+    with _GRAD_MEMORY_LOCK:
+        storage = _GRAD_MEMORY.get(param)
+        if storage is not None and storage.nbytes() >= needed and _storage_users(storage) == 1:
+            return param.new_empty(0).set_(storage, 0, shape)
         out = param.new_empty(shape)
-        _GRAD_MEMORY.pop(key, None)
-        if len(_GRAD_MEMORY) >= _GRAD_MEMORY_SLOTS:
-            del _GRAD_MEMORY[next(iter(_GRAD_MEMORY))]
-        _GRAD_MEMORY[key] = out.untyped_storage()
+        if _storage_users(out.untyped_storage()) is not None:
+            _GRAD_MEMORY[param] = out.untyped_storage()
         return out
-    return param.new_empty(0).set_(storage, 0, shape)
 
 
-def _storage_users(storage: torch.UntypedStorage) -> int:
-    """References to ``storage`` (this Python handle counts as one)."""
-    return torch._C._storage_Use_Count(storage._cdata)
+def _storage_users(storage: torch.UntypedStorage) -> int | None:
+    """References to ``storage`` (this Python handle counts as one); None where this torch
+    has no way to count them (a private API that may go)."""
+    count = getattr(torch._C, "_storage_Use_Count", None)
+    return None if count is None else count(storage._cdata)
 
 
 def sort_reads(indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(slots in ascending order, position of each in ``indices.reshape(-1)``); stable, so each
     slot's reads are summed in a fixed order (run-to-run identical gradients)."""
     return indices.reshape(-1).sort(stable=True)
+
+
+# Per value table, the row index tensor of the sparse gradient its last backward returned.
+_FRESH_ROWS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+_HOOKED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tables whose gradient hook is in place
+
+
+def row_sparse_gradient(table: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor):
+    """The (|K|, v) row-sparse gradient holding ``grads`` at ``rows`` (ascending, unique).
+
+    Autograd stores such a gradient in ``table.grad`` through a constructor that drops its
+    "coalesced" flag, and then every consumer (clipping, LazyAdam) would merge its rows again:
+    a scan of the whole table on GPUs. ``keep_coalesced`` restores the flag when ``table.grad``
+    is exactly this gradient (not a sum of several).
+    """
+    _FRESH_ROWS[table] = rows
+    return torch.sparse_coo_tensor(
+        rows[None], grads, table.shape, is_coalesced=True, check_invariants=False
+    )
+
+
+def keep_coalesced(table: torch.Tensor) -> None:
+    """Have a leaf ``table`` get back the coalesced flag of its row-sparse gradient (once)."""
+    if table.is_leaf and table.requires_grad and table not in _HOOKED:
+        _HOOKED[table] = table.register_post_accumulate_grad_hook(_restore_coalesced)
+
+
+def _restore_coalesced(table: torch.Tensor) -> None:
+    rows, grad = _FRESH_ROWS.pop(table, None), table.grad
+    if rows is None or not grad.is_sparse or grad.is_coalesced():
+        return
+    indices = grad._indices()
+    if indices.data_ptr() == rows.data_ptr() and indices.shape[1] == rows.shape[0]:
+        table.grad = torch.sparse_coo_tensor(
+            indices, grad._values(), grad.shape, is_coalesced=True, check_invariants=False
+        )
 
 
 def touched_rows(slots: torch.Tensor, n_rows: int, exact: bool) -> torch.Tensor:
@@ -114,20 +154,22 @@ def read_weight_gradients(
     """grad_out[n] . table[indices[n, j]] for every read, shaped like ``indices``.
 
     Torch's embedding-bag backward computes these in one pass over the rows read (no
-    (reads x width) buffer, no re-run of the forward), but has no CUDA kernel for bf16 tables:
-    those gather the rows read instead.
+    (reads x width) buffer, no re-run of the forward). It is a private op: where it is missing,
+    or has no kernel for this dtype and device (bf16 on CUDA), the rows read are gathered.
     """
     n, per_bag = indices.shape
-    if table.dtype == torch.bfloat16 and table.device.type == "cuda":
-        return torch.einsum("nrv,nv->nr", table[indices].float(), grad_out.float()).to(
-            grad_out.dtype
-        )
-    offsets = torch.arange(0, n * per_bag, per_bag, device=indices.device)
-    offset2bag = torch.arange(n, device=indices.device)[:, None].expand(n, per_bag).reshape(-1)
-    weight_grads = torch.ops.aten._embedding_bag_per_sample_weights_backward(
-        grad_out, table, indices.reshape(-1), offsets, offset2bag, 0
-    )
-    return weight_grads.view(n, per_bag)
+    op = getattr(torch.ops.aten, "_embedding_bag_per_sample_weights_backward", None)
+    if op is not None and not (table.dtype == torch.bfloat16 and table.device.type == "cuda"):
+        offsets = torch.arange(0, n * per_bag, per_bag, device=indices.device)
+        offset2bag = torch.arange(n, device=indices.device)[:, None].expand(n, per_bag)
+        try:
+            weight_grads = op(
+                grad_out, table, indices.reshape(-1), offsets, offset2bag.reshape(-1), 0
+            )
+            return weight_grads.view(n, per_bag)
+        except NotImplementedError:  # no kernel for this dtype and device
+            pass
+    return torch.einsum("nrv,nv->nr", table[indices].float(), grad_out.float()).to(grad_out.dtype)
 
 
 class _ValueBag(torch.autograd.Function):
@@ -152,9 +194,7 @@ class _ValueBag(torch.autograd.Function):
         )
         grad_table = None
         if need_table and ctx.sparse:
-            grad_table = torch.sparse_coo_tensor(
-                rows[None], grads, table.shape, is_coalesced=True, check_invariants=False
-            )
+            grad_table = row_sparse_gradient(table, rows, grads)
         elif need_table:
             grad_table = grads
         return None, grad_weights, grad_table, None
@@ -172,6 +212,8 @@ def value_bag(
     Output in the table's dtype (fp32 master weights under autocast). ``kernel="torch"`` casts
     the weights to it; ``kernel="triton"`` (CUDA) accumulates in fp32 in fused kernels.
     """
+    if sparse:
+        keep_coalesced(table)
     if kernel == "triton":
         from .triton_bag import TritonValueBag  # imported lazily: triton is optional
 
