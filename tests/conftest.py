@@ -13,6 +13,23 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(params=["torch", "cpp", "triton"])
+def value_path(request, monkeypatch):
+    """Every value-read path in turn, selected explicitly (tests/memory_references.py); the
+    value is the ``kernel`` argument of ``value_bag`` and ``LazyAdam`` for it."""
+    from memory_references import select_value_path
+
+    yield from select_value_path(request.param, monkeypatch)
+
+
+@pytest.fixture(params=["torch", "cpp"])
+def cpu_value_path(request, monkeypatch):
+    """The PyTorch compositions and the C++ passes, for the pieces Triton has no version of."""
+    from memory_references import select_value_path
+
+    yield from select_value_path(request.param, monkeypatch)
+
+
 @pytest.fixture(scope="session")
 def ids_data(tmp_path_factory) -> Path:
     """A dataset of Zipf token ids written by the real shard writer (no tokenizer needed)."""

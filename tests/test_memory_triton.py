@@ -1,4 +1,6 @@
-"""Triton value-bag kernels against the torch path: forward, weight and table gradients.
+"""Triton value-bag kernels against the float64 references of tests/memory_references.py
+(forward, weight and table gradients; LazyAdam's row update) and the layer against the PyTorch
+path, selected explicitly (``PKM_CPU_OPS=0``: not the C++ passes).
 
 Without CUDA the kernels run on CPU tensors in Triton's interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1 before triton is first imported, which is when triton reads it); with CUDA
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from memory_references import bag_reference, lazy_adam_reference
 
 HAS_CUDA = torch.cuda.is_available()
 pytest.importorskip("triton", reason="triton is not installed (`pip install triton`, Linux only)")
@@ -69,13 +72,11 @@ def run_bag(kernel, indices, weights, table, grad_out, sparse, need=(True, True)
 @pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(CASES))
-def test_kernels_equal_torch_path(case, dtype, sparse, device):
+def test_kernels_equal_the_gather_reference(case, dtype, sparse, device):
     indices, weights, table, grad_out = make_inputs(case, dtype, device)
     out, (grad_w, grad_t) = run_bag("triton", indices, weights, table, grad_out, sparse)
-    # Reference: the torch path in float64 on the same (already rounded) values.
-    ref, (ref_w, ref_t) = run_bag(
-        "torch", indices, weights.double(), table.double(), grad_out.double(), sparse
-    )
+    # Reference: autograd through a gather in float64 on the same (already rounded) values.
+    ref, ref_w, ref_t = bag_reference(indices, weights, table, grad_out)
     assert out.dtype == dtype and grad_t.dtype == dtype and grad_w.dtype == weights.dtype
     torch.testing.assert_close(out.double(), ref, **TOL[dtype])
     torch.testing.assert_close(grad_w.double(), ref_w, **TOL[dtype])
@@ -107,8 +108,9 @@ def test_gradient_layout_is_the_torch_paths(sparse, device):
 def test_one_gradient_only(need, device):
     indices, weights, table, grad_out = make_inputs("hot_slots", torch.float32, device)
     _, got = run_bag("triton", indices, weights, table, grad_out, False, need)
-    _, ref = run_bag("torch", indices, weights, table, grad_out, False, need)
-    torch.testing.assert_close(got, ref)
+    _, *ref = bag_reference(indices, weights, table, grad_out)
+    ref = [r for r, needed in zip(ref, need, strict=True) if needed]
+    torch.testing.assert_close([g.double() for g in got], ref, **TOL[torch.float32])
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -117,7 +119,8 @@ def test_one_gradient_only(need, device):
     [(4, 1, 1, 4, 5), (8, 2, 3, 6, 7), (8, 3, 8, 8, 4), (8, 2, 4, 8, 0)],
     ids=["knn1-heads1", "half_dim3", "knn_all", "empty_batch"],
 )
-def test_sub_key_gradients_equal_torch_path(n_keys, heads, knn, k_dim, n, device):
+def test_sub_key_gradients_equal_torch_path(n_keys, heads, knn, k_dim, n, device, monkeypatch):
+    monkeypatch.setenv("PKM_CPU_OPS", "0")  # the PyTorch compositions, not the C++ passes
     g = torch.Generator().manual_seed(n_keys + knn)
     query = torch.randn(n, heads, k_dim, generator=g).to(device)
     sub_keys = torch.randn(heads, 2, n_keys, k_dim // 2, generator=g).to(device)
@@ -132,11 +135,12 @@ def test_sub_key_gradients_equal_torch_path(n_keys, heads, knn, k_dim, n, device
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("sparse_grad", [False, True])
-def test_layer_with_triton_kernel_equals_torch_kernel(sparse_grad, device):
+def test_layer_with_triton_kernel_equals_torch_kernel(sparse_grad, device, monkeypatch):
+    monkeypatch.setenv("PKM_CPU_OPS", "0")  # the PyTorch compositions, not the C++ passes
     torch.manual_seed(0)
     cfg = dict(n_keys=8, heads=2, knn=4, k_dim=8, v_dim=6, sparse_grad=sparse_grad)
     layers = {}
-    for kernel in ("torch", "triton", "auto"):  # auto: triton on CUDA, torch on CPU
+    for kernel in ("torch", "triton"):
         torch.manual_seed(0)
         layers[kernel] = ProductKeyMemory(10, 12, MemoryConfig(kernel=kernel, **cfg)).to(device)
     x = torch.randn(9, 10, device=device)
@@ -147,42 +151,52 @@ def test_layer_with_triton_kernel_equals_torch_kernel(sparse_grad, device):
         grads[kernel] = {
             name: p.grad.to_dense() for name, p in layer.named_parameters() if p.grad is not None
         }
-    for kernel in ("triton", "auto"):
-        torch.testing.assert_close(outs[kernel], outs["torch"])
-        assert grads[kernel].keys() == grads["torch"].keys()
-        for name, ref in grads["torch"].items():
-            torch.testing.assert_close(grads[kernel][name], ref, msg=f"{kernel}: {name}")
+    torch.testing.assert_close(outs["triton"], outs["torch"])
+    assert grads["triton"].keys() == grads["torch"].keys()
+    for name, ref in grads["torch"].items():
+        torch.testing.assert_close(grads["triton"][name], ref, msg=name)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_kernel_runs_the_triton_kernels_on_cuda_only(device, monkeypatch):
+    """memory.kernel=auto: the value read goes through the Triton kernels on CUDA, through the
+    PyTorch path on the CPU (the layer asks pick_kernel, unit-tested in test_memory_config)."""
+    calls = []
+    apply = triton_bag.TritonValueBag.apply
+    monkeypatch.setattr(
+        triton_bag.TritonValueBag, "apply", lambda *args: calls.append(1) or apply(*args)
+    )
+    cfg = MemoryConfig(n_keys=8, heads=2, knn=4, k_dim=8, v_dim=6, kernel="auto")
+    layer = ProductKeyMemory(10, 12, cfg).to(device)
+    layer(torch.randn(9, 10, device=device)).sum().backward()
+    assert len(calls) == (1 if device == "cuda" else 0)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("row_wise", [False, True], ids=["element_wise", "row_wise"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("v", [5, 1030], ids=["v5", "v1030"])
-def test_fused_lazy_adam_equals_torch_path(v, dtype, row_wise, device):
+def test_fused_lazy_adam_equals_the_row_by_row_reference(v, dtype, row_wise, device):
     g = torch.Generator().manual_seed(v)
     start = torch.randn(12, v, generator=g).to(dtype)
     steps = [[1, 4, 7], [], [0, 4, 11], [4]]  # rows touched by each step; one step touches none
     grads = [torch.randn(len(rows), v, generator=g).to(dtype) for rows in steps]
     grads[2][2] = 0  # row 11: padding of a fixed-size sparse gradient, not read
-    params = {}
-    for kernel in ("torch", "triton"):
-        # The torch path in float64 is the reference; the kernel computes in fp32.
-        ref_dtype = torch.float64 if kernel == "torch" else dtype
-        p = torch.nn.Parameter(start.to(device, ref_dtype))
-        opt = LazyAdam([p], lr=1e-2, betas=(0.9, 0.98), row_wise=row_wise, kernel=kernel)
-        for rows, values in zip(steps, grads, strict=True):
-            index = torch.tensor(rows, dtype=torch.long, device=device)[None]
-            p.grad = torch.sparse_coo_tensor(
-                index, values.to(device, ref_dtype), p.shape, check_invariants=True
-            )
-            opt.step()
-        params[kernel] = (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])
-    for got, ref in zip(params["triton"], params["torch"], strict=True):
-        assert got.dtype == dtype
-        torch.testing.assert_close(got.double(), ref, **TOL[dtype])
+    p = torch.nn.Parameter(start.clone().to(device))
+    opt = LazyAdam([p], lr=1e-2, betas=(0.9, 0.98), row_wise=row_wise, kernel="triton")
+    for rows, values in zip(steps, grads, strict=True):
+        index = torch.tensor(rows, dtype=torch.long, device=device)[None]
+        p.grad = torch.sparse_coo_tensor(index, values.to(device), p.shape, check_invariants=True)
+        opt.step()
+    got = (p.detach(), opt.state[p]["exp_avg"], opt.state[p]["exp_avg_sq"])
+    history = list(zip(steps, grads, strict=True))
+    ref = lazy_adam_reference(start, history, 1e-2, (0.9, 0.98), 1e-8, row_wise)
+    for a, b in zip(got, ref, strict=True):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double().cpu(), b, **TOL[dtype])
     unread = [2, 3, 5, 11]
-    assert torch.equal(params["triton"][0][unread], start[unread].to(device))
-    assert not params["triton"][1][unread].any() and not params["triton"][2][unread].any()
+    assert torch.equal(got[0][unread], start[unread].to(device))
+    assert not got[1][unread].any() and not got[2][unread].any()
 
 
 def test_cpu_tensors_without_interpreter_fail_clearly(monkeypatch):
