@@ -189,6 +189,8 @@ class TrainLoopConfig:
     precision: str = "fp32"
     keep_checkpoints: int = 2
     device: str = "auto"  # auto: CUDA when available, else CPU
+    # torch.compile of every block (pkm_lm/compile.py); off by default until measured on GPUs
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "max_steps", "eval_interval", "checkpoint_interval"):

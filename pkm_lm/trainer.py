@@ -43,6 +43,7 @@ from pkm_lm.metrics import (
     safe_ppl,
     truncate_metrics,
 )
+from pkm_lm.compile import compile_blocks
 from pkm_lm.model import build_model
 from pkm_lm.optim import build_optimizers, clip_gradients
 from pkm_lm.precision import autocast, grad_scaler
@@ -125,6 +126,8 @@ class Trainer:
             mem.values.weight for mem in self.model.memories.values() if mem.config.sparse_grad
         ]
         self.sparse_grads = SparseGrads(sparse)
+        if t.compile:  # in place: parameter names and checkpoints stay the eager model's
+            compile_blocks(self.model)
         self.ddp = self.model
         if env.distributed:
             # Synced query BatchNorms already agree across ranks: no buffer broadcast needed.

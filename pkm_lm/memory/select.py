@@ -54,6 +54,11 @@ class _HalfTopk(torch.autograd.Function):
         return grad_query, grad_keys, None, None
 
 
+@torch.compiler.disable  # its backward runs C++/Triton bags: torch.compile leaves it eager
+def _half_topk(query, keys, knn: int, kernel: str):
+    return _HalfTopk.apply(query, keys, knn, kernel)
+
+
 def candidate_pairs(knn: int) -> torch.Tensor:
     """(2, P) ranks (a, b) of the two sorted sub-key lists that can reach the joint top-k.
 
@@ -87,8 +92,8 @@ def product_topk(
     n_keys = sub_keys.shape[2]
     halves = query.view(n, heads, 2, k_dim // 2).permute(2, 1, 0, 3)  # (2, H, N, k_dim/2)
     # Best knn sub-keys of each half, sorted descending: (H, N, knn) each.
-    s1, i1 = _HalfTopk.apply(halves[0], sub_keys[:, 0], knn, kernel)
-    s2, i2 = _HalfTopk.apply(halves[1], sub_keys[:, 1], knn, kernel)
+    s1, i1 = _half_topk(halves[0], sub_keys[:, 0], knn, kernel)
+    s2, i2 = _half_topk(halves[1], sub_keys[:, 1], knn, kernel)
     a, b = pairs
     candidates = s1[..., a] + s2[..., b]  # (H, N, P)
     scores, best = candidates.topk(knn, dim=-1)  # (H, N, knn)

@@ -200,6 +200,7 @@ class _ValueBag(torch.autograd.Function):
         return None, grad_weights, grad_table, None
 
 
+@torch.compiler.disable  # C++/Triton kernels and a gradient hook: torch.compile leaves it eager
 def value_bag(
     indices: torch.Tensor,
     weights: torch.Tensor,
