@@ -23,10 +23,10 @@ import time
 from pathlib import Path
 
 import torch
-from machine import describe
 
 from pkm_lm import cli
 from pkm_lm.errors import NotFoundError
+from pkm_lm.perf.machine import describe
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("moses", "learnbpe", "vocab", "binarize")

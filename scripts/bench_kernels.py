@@ -23,12 +23,12 @@ import sys
 import traceback
 
 import torch
-from machine import describe
 from torch.utils import benchmark
 
 from pkm_lm.memory import LazyAdam, MemoryConfig, ProductKeyMemory
 from pkm_lm.memory.select import _HalfTopk
 from pkm_lm.memory.values import value_bag
+from pkm_lm.perf.machine import describe
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

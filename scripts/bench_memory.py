@@ -31,10 +31,10 @@ import sys
 import time
 
 import torch
-from machine import describe
 
 from pkm_lm import cli
 from pkm_lm.memory import LazyAdam, MemoryConfig, ProductKeyMemory
+from pkm_lm.perf.machine import describe
 
 DIM, BATCH, SEQ, HEADS, KNN, K_DIM = 512, 8, 256, 4, 32, 512
 FLAT_MAX_KEYS = 256  # flat keys score every slot: 512^2 would take ~15 s per forward on a CPU

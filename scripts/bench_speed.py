@@ -34,7 +34,6 @@ import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-from machine import cpu_model, describe, load_average  # noqa: E402
 
 from pkm_lm import cli  # noqa: E402
 from pkm_lm.atomic import atomic_write_text, save_figure  # noqa: E402
@@ -48,6 +47,7 @@ from pkm_lm.config import (  # noqa: E402
 from pkm_lm.distributed import DistEnv  # noqa: E402
 from pkm_lm.experiments import TABLE1, table1_shape  # noqa: E402
 from pkm_lm.metrics import memory_stats  # noqa: E402
+from pkm_lm.perf.machine import cpu_model, describe, load_average  # noqa: E402
 from pkm_lm.trainer import Trainer  # noqa: E402
 
 BATCH, SEQ, VOCAB, N_HEADS = 8, 64, 8000, 4  # 512 tokens per step; the books corpus' vocabulary

@@ -25,13 +25,13 @@ import time
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from machine import describe
 
 from pkm_lm import cli
 from pkm_lm.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, TrainLoopConfig
 from pkm_lm.distributed import DistEnv, resolve_device, synchronize
 from pkm_lm.metrics import memory_stats
 from pkm_lm.model import build_model
+from pkm_lm.perf.machine import describe
 from pkm_lm.precision import autocast
 from pkm_lm.trainer import Trainer
 

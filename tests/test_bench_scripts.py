@@ -1,19 +1,19 @@
-"""scripts/machine.py: the one line every benchmark prints about the machine it measured on."""
+"""The benchmark scripts: the one machine line each prints (pkm_lm.perf.machine), and a tiny
+bench_train run through its real command line."""
 
 from __future__ import annotations
 
 import builtins
 import platform
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from pkm_lm.perf import machine
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-import machine  # noqa: E402  (a script, importable once scripts/ is on the path)
 
 LOAD = re.compile(r"load average (\d+\.\d\d) (\d+\.\d\d) (\d+\.\d\d)")
 
@@ -56,5 +56,5 @@ def test_cpu_model_without_proc_cpuinfo(monkeypatch):
 def test_every_benchmark_prints_the_shared_description(script):
     """Each bench script uses machine.describe and keeps no copy of its own."""
     text = script.read_text()
-    assert "from machine import" in text and "describe(" in text
+    assert "from pkm_lm.perf.machine import" in text and "describe(" in text
     assert "/proc/cpuinfo" not in text and "getloadavg" not in text

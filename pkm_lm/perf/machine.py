@@ -1,10 +1,8 @@
-"""The machine a benchmark measured on, in one line to print beside its numbers.
+"""The machine a benchmark measured on, in one line to print and record beside its numbers.
 
 Timings mean little without the machine they came from: which CPU, how many torch threads,
 how busy the (often shared) machine was at the start, and the GPU when the benchmark ran on
-one. Every ``scripts/bench_*.py`` prints this same line, so the description is written once,
-here. The scripts import it as ``machine`` (``python scripts/bench_x.py`` puts scripts/ on the
-path; tests add it themselves).
+one. Every benchmark prints this same line, so the description is written once, here.
 """
 
 from __future__ import annotations
