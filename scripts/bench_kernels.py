@@ -26,7 +26,7 @@ import torch
 from torch.utils import benchmark
 
 from pkm_lm.memory import LazyAdam, MemoryConfig, ProductKeyMemory
-from pkm_lm.memory.select import _HalfTopk
+from pkm_lm.memory.select import bag_score_gradients, dense_score_gradients
 from pkm_lm.memory.values import value_bag
 from pkm_lm.perf.machine import describe
 
@@ -135,32 +135,16 @@ def value_read(args, device, dtype_name: str) -> None:
     )
 
 
-def dense_sub_key_backward(query, keys, indices, grad_scores):  # (H,N,d) (H,n,d) (H,N,knn) x 2
-    """Candidate GPU score backward: scatter into (H, N, n) and two batched matmuls."""
-    dense = grad_scores.new_zeros(*indices.shape[:2], keys.shape[1])
-    dense.scatter_(-1, indices, grad_scores)  # top-k indices are distinct within a row
-    return torch.bmm(dense, keys), torch.bmm(dense.transpose(1, 2), query)
-
-
 def sub_key_backward(args, device) -> None:
-    """Backward of one query half's top-k: torch bags, Triton bags, dense scatter + bmm."""
+    """Backward of one query half's top-k: the CPU's bags vs the GPU's dense scatter + bmm."""
     h, n, d = args.heads, args.tokens, args.k_dim // 2
     gen = torch.Generator(device=device).manual_seed(1)
-    query = torch.randn(h, n, d, device=device, generator=gen).requires_grad_()
-    keys = torch.randn(h, args.n_keys, d, device=device, generator=gen).requires_grad_()
+    query = torch.randn(h, n, d, device=device, generator=gen)
+    keys = torch.randn(h, args.n_keys, d, device=device, generator=gen)
     grad_scores = torch.randn(h, n, args.knn, device=device, generator=gen)
 
-    def bags(kernel):
-        def fn():
-            scores, _ = _HalfTopk.apply(query, keys, args.knn, kernel)
-            return torch.autograd.grad(scores, (query, keys), grad_scores)
-
-        return fn
-
-    def dense():
-        with torch.no_grad():  # the same forward as the bags' rows
-            _, top = torch.bmm(query, keys.transpose(1, 2)).topk(args.knn, dim=-1)
-        return dense_sub_key_backward(query, keys, top, grad_scores)
+    with torch.no_grad():  # the forward both variants differentiate
+        _, top = torch.bmm(query, keys.transpose(1, 2)).topk(args.knn, dim=-1)
 
     def forward():
         with torch.no_grad():
@@ -168,13 +152,13 @@ def sub_key_backward(args, device) -> None:
 
     fns = {
         "forward only (bmm + top-k)": forward,
-        "torch bags": bags("torch"),
-        "triton bags": bags("triton"),
-        "dense scatter + bmm": dense,
+        "bags (the CPU backward)": lambda: bag_score_gradients(query, keys, top, grad_scores),
+        "dense scatter + bmm (the GPU backward)": lambda: dense_score_gradients(
+            query, keys, top, grad_scores
+        ),
     }
-    ref = fns["torch bags"]()
-    for name in ("triton bags", "dense scatter + bmm"):
-        check(fns[name](), ref, name, 1e-3)
+    ref = fns["bags (the CPU backward)"]()
+    check(fns["dense scatter + bmm (the GPU backward)"](), ref, "dense score backward", 1e-3)
     res = time_variants(fns, args)
     print(
         f"\nsub-key score backward of one half: heads {h}, {n} tokens, {args.n_keys} sub-keys "

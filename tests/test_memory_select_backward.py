@@ -1,12 +1,14 @@
-"""The sub-key score backward of accelerators (two matmuls over the dense score gradient)
-against plain autograd, on CPU tensors."""
+"""Both sub-key score backwards, the CPU's bags and the accelerators' two matmuls over the
+dense score gradient, against plain autograd through top-k (on CPU tensors)."""
 
+import pytest
 import torch
 
-from pkm_lm.memory.select import dense_score_gradients
+from pkm_lm.memory.select import bag_score_gradients, dense_score_gradients
 
 
-def test_dense_score_gradients_equal_autograd_through_topk():
+@pytest.mark.parametrize("backward", [bag_score_gradients, dense_score_gradients])
+def test_score_gradients_equal_autograd_through_topk(backward):
     g = torch.Generator().manual_seed(0)
     heads, n, n_keys, d, knn = 3, 11, 20, 8, 5
     query = torch.randn(heads, n, d, generator=g, dtype=torch.float64, requires_grad=True)
@@ -14,6 +16,6 @@ def test_dense_score_gradients_equal_autograd_through_topk():
     scores, indices = torch.bmm(query, keys.transpose(1, 2)).topk(knn, dim=-1)
     grad_scores = torch.randn(scores.shape, generator=g, dtype=torch.float64)
     expected = torch.autograd.grad(scores, (query, keys), grad_scores)
-    got = dense_score_gradients(query.detach(), keys.detach(), indices, grad_scores)
+    got = backward(query.detach(), keys.detach(), indices, grad_scores)
     for a, b in zip(got, expected, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)

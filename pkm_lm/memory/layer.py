@@ -107,8 +107,7 @@ class ProductKeyMemory(nn.Module):
         with torch.autocast(query.device.type, enabled=False):
             query, keys = query.to(dtype), keys.to(dtype)
             if self.config.keys == "product":
-                kernel = pick_kernel(self.config.kernel, query.device)
-                return product_topk(query, keys, self.config.knn, self.pairs, kernel)
+                return product_topk(query, keys, self.config.knn, self.pairs)
             return flat_topk(query, keys, self.config.knn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

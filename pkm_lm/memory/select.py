@@ -23,39 +23,40 @@ class _HalfTopk(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, query, keys, knn, kernel):  # (H, N, d), (H, n, d) -> (H, N, knn) x 2
+    def forward(ctx, query, keys, knn):  # (H, N, d), (H, n, d) -> (H, N, knn) x 2
         scores, indices = torch.bmm(query, keys.transpose(1, 2)).topk(knn, dim=-1)
         ctx.save_for_backward(query, keys, indices)
         ctx.mark_non_differentiable(indices)
-        ctx.kernel = kernel
         return scores, indices
 
     @staticmethod
     def backward(ctx, grad_scores, _):
         query, keys, indices = ctx.saved_tensors
-        if keys.device.type != "cpu":
-            return *dense_score_gradients(query, keys, indices, grad_scores), None, None
-        heads, n, d = keys.shape
-        # Index into all heads' keys at once: head h's key j is row h * n + j.
-        rows = (indices + torch.arange(heads, device=keys.device).view(-1, 1, 1) * n).flatten(0, 1)
-        weights = grad_scores.flatten(0, 1).to(keys.dtype)  # (H*N, knn)
-        if ctx.kernel == "triton":
-            from .triton_bag import sub_key_gradients  # imported lazily: triton is optional
+        if keys.device.type == "cpu":
+            grads = bag_score_gradients(query, keys, indices, grad_scores, ctx.needs_input_grad)
+        else:
+            grads = dense_score_gradients(query, keys, indices, grad_scores)
+        return *grads, None
 
-            grads = sub_key_gradients(rows, weights, query, keys, *ctx.needs_input_grad[:2])
-            return *grads, None, None
-        grad_query = grad_keys = None
-        if ctx.needs_input_grad[0]:
-            grad_query = torch.nn.functional.embedding_bag(
-                rows, keys.reshape(-1, d), mode="sum", per_sample_weights=weights
-            ).view(query.shape)
-        if ctx.needs_input_grad[1]:
-            every_row = torch.arange(heads * n, device=keys.device)
-            grad_keys, _ = row_gradients(
-                rows, weights, query.reshape(-1, d).to(keys.dtype), every_row
-            )
-            grad_keys = grad_keys.view(keys.shape)
-        return grad_query, grad_keys, None, None
+
+def bag_score_gradients(query, keys, indices, grad_scores, needs=(True, True)):
+    """(grad_query, grad_keys) of the scores top-k picked, as bags over the selected rows:
+    grad_query[h, n] sums grad_scores * keys[indices], grad_keys is that read's table gradient.
+    ``needs``: which of the two to compute (None for the other)."""
+    heads, n, d = keys.shape
+    # Index into all heads' keys at once: head h's key j is row h * n + j.
+    rows = (indices + torch.arange(heads, device=keys.device).view(-1, 1, 1) * n).flatten(0, 1)
+    weights = grad_scores.flatten(0, 1).to(keys.dtype)  # (H*N, knn)
+    grad_query = grad_keys = None
+    if needs[0]:
+        grad_query = torch.nn.functional.embedding_bag(
+            rows, keys.reshape(-1, d), mode="sum", per_sample_weights=weights
+        ).view(query.shape)
+    if needs[1]:
+        every_row = torch.arange(heads * n, device=keys.device)
+        grad_keys, _ = row_gradients(rows, weights, query.reshape(-1, d).to(keys.dtype), every_row)
+        grad_keys = grad_keys.view(keys.shape)
+    return grad_query, grad_keys
 
 
 def dense_score_gradients(query, keys, indices, grad_scores):
@@ -68,9 +69,9 @@ def dense_score_gradients(query, keys, indices, grad_scores):
     )
 
 
-@torch.compiler.disable  # its backward runs C++/Triton bags: torch.compile leaves it eager
-def _half_topk(query, keys, knn: int, kernel: str):
-    return _HalfTopk.apply(query, keys, knn, kernel)
+@torch.compiler.disable  # its backward runs C++ bags: torch.compile leaves it eager
+def _half_topk(query, keys, knn: int):
+    return _HalfTopk.apply(query, keys, knn)
 
 
 def candidate_pairs(knn: int) -> torch.Tensor:
@@ -93,21 +94,19 @@ def product_topk(
     sub_keys: torch.Tensor,
     knn: int,
     pairs: torch.Tensor,
-    kernel: str = "torch",
 ):
     """Top-k over the n_keys**2 product keys of each head, without scoring them all.
 
     query: (N, heads, k_dim); sub_keys: (heads, 2, n_keys, k_dim // 2); pairs:
     ``candidate_pairs(knn)`` on the query's device (kept there by the caller: building it
-    per call would copy it from the host every forward). ``kernel`` picks the bags of the
-    score backward: torch's embedding bag or the Triton kernels of ``value_bag``.
+    per call would copy it from the host every forward).
     """
     n, heads, k_dim = query.shape
     n_keys = sub_keys.shape[2]
     halves = query.view(n, heads, 2, k_dim // 2).permute(2, 1, 0, 3)  # (2, H, N, k_dim/2)
     # Best knn sub-keys of each half, sorted descending: (H, N, knn) each.
-    s1, i1 = _half_topk(halves[0], sub_keys[:, 0], knn, kernel)
-    s2, i2 = _half_topk(halves[1], sub_keys[:, 1], knn, kernel)
+    s1, i1 = _half_topk(halves[0], sub_keys[:, 0], knn)
+    s2, i2 = _half_topk(halves[1], sub_keys[:, 1], knn)
     a, b = pairs
     candidates = s1[..., a] + s2[..., b]  # (H, N, P)
     scores, best = candidates.topk(knn, dim=-1)  # (H, N, knn)

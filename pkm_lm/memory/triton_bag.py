@@ -204,22 +204,3 @@ class TritonValueBag(torch.autograd.Function):
         if grad_weights is not None:
             grad_weights = grad_weights.to(weights.dtype)
         return None, grad_weights, grad_table, None
-
-
-def sub_key_gradients(rows, weights, query, keys, need_query: bool, need_keys: bool):
-    """Score backward of one query half as the same two bags: grad_query[h, n] sums
-    weights * keys[rows] (a value read), grad_keys is that read's table gradient.
-
-    rows, weights: (H*N, knn) flat key rows and score gradients; query (H, N, d); keys (H, n, d).
-    """
-    flat_keys = keys.reshape(-1, keys.shape[-1]).contiguous()
-    grad_query = grad_keys = None
-    if need_query:
-        grad_query = bag_forward(rows, weights.contiguous(), flat_keys).view(query.shape)
-    if need_keys:
-        grad_out = query.reshape(-1, keys.shape[-1]).to(keys.dtype)
-        _, grad_keys = bag_backward(
-            rows, weights.contiguous(), flat_keys, grad_out.contiguous(), True, False, False
-        )
-        grad_keys = grad_keys.view(keys.shape)
-    return grad_query, grad_keys
