@@ -1,0 +1,349 @@
+"""Training and inference speed of three models side by side: L layers, L layers + a memory,
+and 2L layers (``scripts/bench_train.py``).
+
+    python scripts/bench_train.py [--dim 512 --heads 8 --layers 6 --seq-len 128 --batch 8]
+                                  [--n-keys 512] [--steps 6] [--threads 2] [--nproc 1 2]
+    python scripts/bench_train.py --preset paper [--override train.compile=true]   # a GPU
+    python scripts/bench_train.py --experiments 12L_0mem 12L_1mem 24L_0mem --device cuda \\
+        --vocab 60000 --seq-len 256 --batch 32 --precision bf16 fp16 --nproc 1
+
+The models come from the flags (dim, heads, L; the memory replaces the FFN at about 2/3 of the
+depth) or, with ``--experiments BASE MEMORY DEEP``, from the experiments' own configs as
+``python -m pkm_lm.train +experiment=NAME`` composes them (``--override`` adds Hydra overrides
+to all three; --vocab, --seq-len, --batch, --precision and --device are applied as overrides).
+``--preset paper`` is the paper's width: 12L_0mem, 12L_1mem, 24L_0mem at dim 1024, a 60k
+vocabulary, one GPU's 32 x 256 tokens, bf16 then fp16.
+
+Random tokens (speed does not depend on the text). Training runs the trainer's own step,
+``Trainer.train_step`` (micro-steps, autocast, GradScaler, gradient sync, clipping, both
+optimisers), with the memory usage statistics attached as in ``Trainer.fit``. The three models
+take turns step by step, so a change in the machine's load hits them alike; each reports the
+tokens/s of its median step and the spread (max - min) / median of its steps. On CUDA the device
+is synchronised before every clock read and each model's peak memory is its own: its weights,
+gradients and optimizer state plus the largest extra its steps allocated. ``--nproc 2`` also
+trains with 2 DDP processes (gloo, CPU only). The ratio lines hold the memory model to its
+targets, met only beyond the spread; ``--out DIR`` writes bench_train.md and appends a record
+(command, machine, figures) to bench_train.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pkm_lm import cli
+from pkm_lm.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, TrainLoopConfig
+from pkm_lm.distributed import DistEnv, resolve_device, synchronize
+from pkm_lm.metrics import memory_stats
+from pkm_lm.model import build_model
+from pkm_lm.precision import autocast
+from pkm_lm.trainer import Trainer
+
+from .layer_args import Parser
+from .machine import describe
+from .records import record, save
+from .targets import Target, ratio_spread
+
+PAPER = dict(
+    experiments=["12L_0mem", "12L_1mem", "24L_0mem"],
+    vocab=60_000, seq_len=256, batch=32, precision=["bf16", "fp16"], device="cuda", nproc=[1],
+    steps=20, warmup=5, train_target=0.75, infer_target=1.4,
+)  # fmt: skip
+
+
+def flag_configs(args, precision: str) -> list[tuple[str, TrainConfig]]:
+    """(name, config) of L, L + memory and 2L built from the flags."""
+
+    def config(n_layers: int, memory: bool) -> TrainConfig:
+        model = ModelConfig(
+            n_layers=n_layers, dim=args.dim, n_heads=args.heads, dropout=0.0, attn_dropout=0.0,
+            vocab_size=args.vocab, max_seq_len=args.seq_len,
+        )  # fmt: skip
+        if memory:
+            model.memory.n_keys = args.n_keys
+            model.memory.layers = [max(1, (n_layers * 2 + 2) // 3)]  # about 2/3 of the depth
+        loop = TrainLoopConfig(batch_size=args.batch, micro_batch_size=args.micro_batch,
+                               precision=precision, device=args.device)  # fmt: skip
+        return TrainConfig(data=DataConfig(seq_len=args.seq_len), model=model,
+                           optim=OptimConfig(warmup_steps=1), train=loop)  # fmt: skip
+
+    L = args.layers
+    return [
+        (f"{L} layers", config(L, False)),
+        (f"{L} layers + 1 memory (|K|={args.n_keys}^2)", config(L, True)),
+        (f"{2 * L} layers", config(2 * L, False)),
+    ]
+
+
+def experiment_configs(args, precision: str) -> list[tuple[str, TrainConfig]]:
+    """(name, config) of each experiment, composed as ``python -m pkm_lm.train`` would."""
+    from hydra import compose, initialize_config_dir
+
+    from pkm_lm.config import register_configs, to_train_config
+
+    overrides = [
+        f"model.vocab_size={args.vocab}", f"data.seq_len={args.seq_len}",
+        f"train.batch_size={args.batch}", f"train.micro_batch_size={args.micro_batch or args.batch}",
+        f"train.precision={precision}", f"train.device={args.device}", *args.override,
+    ]  # fmt: skip
+    register_configs()
+    configs = os.path.join(os.path.dirname(__file__), "..", "..", "configs")
+    with initialize_config_dir(os.path.abspath(configs), version_base=None):
+        return [
+            (name, to_train_config(compose("train", [f"+experiment={name}", *overrides])))
+            for name in args.experiments
+        ]
+
+
+def timed(device: torch.device, fn) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+@dataclass
+class Stepper:
+    """Times one call on a fresh random batch; tracks this model's own peak device memory."""
+
+    run: object  # (batch) -> None
+    make_batch: object  # () -> tokens
+    device: torch.device
+    resident: int = 0  # bytes allocated by building the model and its warm-up steps
+    extra: int = 0  # the most any one step allocated beyond what was there before it
+    seconds: list[float] = field(default_factory=list)
+
+    def __call__(self) -> float:
+        batch = self.make_batch()
+        cuda = self.device.type == "cuda"
+        if cuda:
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        seconds = timed(self.device, lambda: self.run(batch))
+        if cuda:
+            self.extra = max(self.extra, torch.cuda.max_memory_allocated(self.device) - before)
+        return seconds
+
+    @property
+    def peak_gib(self) -> float | None:
+        return (self.resident + self.extra) / 2**30 if self.device.type == "cuda" else None
+
+
+def warm_up(s: Stepper, steps: int, start: int) -> None:
+    """Run the first steps (allocations, optimizer state, compilation): what they leave
+    allocated is the model's own; the timed steps' extra is counted from here."""
+    for _ in range(steps):
+        s()
+    s.resident, s.extra = _allocated(s.device) - start, 0
+
+
+def _allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def train_stepper(args, cfg: TrainConfig, env: DistEnv) -> Stepper:
+    """The trainer's step on a fresh random batch each call, warmed up ``args.warmup`` times."""
+    start = _allocated(env.device)
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, env, data=False)
+    gen = torch.Generator().manual_seed(env.rank)
+    per_rank = cfg.train.batch_size // env.world_size
+    vocab, seq = cfg.model.vocab_size, cfg.data.seq_len
+
+    def run(batch) -> None:
+        with memory_stats(trainer.model):  # as in Trainer.fit
+            trainer.train_step(batch)
+
+    s = Stepper(
+        run, lambda: torch.randint(0, vocab, (per_rank, seq + 1), generator=gen), env.device
+    )
+    warm_up(s, args.warmup, start)
+    return s
+
+
+def infer_stepper(args, cfg: TrainConfig, device: torch.device) -> Stepper:
+    start = _allocated(device)
+    torch.manual_seed(0)
+    model = build_model(cfg.model, device).eval()
+    gen = torch.Generator().manual_seed(0)
+    shape = (cfg.train.batch_size, cfg.data.seq_len)
+
+    @torch.no_grad()
+    def run(batch) -> None:
+        with autocast(device, cfg.train.precision):
+            model(batch)
+
+    vocab = cfg.model.vocab_size
+    s = Stepper(run, lambda: torch.randint(0, vocab, shape, generator=gen).to(device), device)
+    warm_up(s, args.warmup, start)
+    return s
+
+
+def interleaved(steps: int, steppers: list[Stepper], tokens: int) -> list[dict]:
+    """Per stepper: tokens/s of the median step, the spread, the steps' seconds, peak GiB."""
+    for _ in range(steps):
+        for s in steppers:
+            s.seconds.append(s())
+    out = []
+    for s in steppers:
+        median = statistics.median(s.seconds)
+        spread = (max(s.seconds) - min(s.seconds)) / median
+        out.append({"tok_s": tokens / median, "spread": spread, "seconds": s.seconds,
+                    "peak_gib": s.peak_gib})  # fmt: skip
+    return out
+
+
+def _ddp_worker(rank: int, world: int, port: int, args, cfgs: list[TrainConfig], out) -> None:
+    torch.set_num_threads(max(1, args.threads // world))
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        env = DistEnv(rank, rank, world, torch.device("cpu"))
+        tokens = args.batch * args.seq_len
+        speeds = interleaved(args.steps, [train_stepper(args, c, env) for c in cfgs], tokens)
+        if rank == 0:
+            out.put(speeds)
+    finally:
+        dist.destroy_process_group()
+
+
+def ddp_train_speeds(args, cfgs: list[TrainConfig], world: int) -> list[dict]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.SimpleQueue()
+    mp.start_processes(
+        _ddp_worker, args=(world, port, args, cfgs, out), nprocs=world, start_method="spawn"
+    )
+    return out.get()
+
+
+def _cell(speed: dict) -> str:
+    return f"{speed['tok_s']:,.0f} ({speed['spread']:.0%})"
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _gib(speed: dict) -> str:
+    return "-" if speed["peak_gib"] is None else f"{speed['peak_gib']:.2f}"
+
+
+def bench_precision(args, precision: str, device: torch.device) -> tuple[list[str], dict]:
+    """The table and ratio lines of one precision, and its figures."""
+    rows = (experiment_configs if args.experiments else flag_configs)(args, precision)
+    cfgs = [cfg for _, cfg in rows]
+    env = DistEnv(0, 0, 1, device)
+    tokens = args.batch * args.seq_len
+    train = interleaved(args.steps, [train_stepper(args, c, env) for c in cfgs], tokens)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    infer = interleaved(args.steps, [infer_stepper(args, c, device) for c in cfgs], tokens)
+    extra = [n for n in args.nproc if n > 1]
+    ddp = [ddp_train_speeds(args, cfgs, n) for n in extra]
+    header = ["model", "params", "train tok/s", "infer tok/s", "peak GiB train"]
+    header += ["peak GiB infer", *(f"train tok/s ({n} proc)" for n in extra)]
+    lines = [f"### {precision}", "", _row(header), "|" + "---|" * len(header)]
+    for i, (name, cfg) in enumerate(rows):
+        n_params = build_model(cfg.model, "meta").num_params()
+        cells = [name, f"{n_params / 1e6:.1f}M", _cell(train[i]), _cell(infer[i])]
+        cells += [_gib(train[i]), _gib(infer[i]), *(_cell(d[i]) for d in ddp)]
+        lines.append(_row(cells))
+    base, memory, deep = (name for name, _ in rows)
+    targets = [
+        Target(f"{memory} / {base}, training ({precision})",
+               train[1]["tok_s"] / train[0]["tok_s"], args.train_target, True,
+               ratio_spread(train[0]["spread"], train[1]["spread"])),
+        Target(f"{memory} / {deep}, inference ({precision})",
+               infer[1]["tok_s"] / infer[2]["tok_s"], args.infer_target, True,
+               ratio_spread(infer[1]["spread"], infer[2]["spread"])),
+    ]  # fmt: skip
+    lines += ["", *(t.line() for t in targets), ""]
+    names = [name for name, _ in rows]
+    figures = {
+        "train": dict(zip(names, train, strict=True)),
+        "infer": dict(zip(names, infer, strict=True)),
+        "ddp": {n: dict(zip(names, d, strict=True)) for n, d in zip(extra, ddp, strict=True)},
+        "targets": [t.as_dict() for t in targets],
+    }
+    return lines, figures
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = Parser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--preset", choices=["paper"], help="the paper's width (see above)")
+    p.add_argument("--experiments", nargs=3, metavar=("BASE", "MEMORY", "DEEP"))
+    p.add_argument("--override", nargs="*", default=[], help="Hydra overrides (--experiments)")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--layers", type=int, default=6, help="L (the deep model has 2L)")
+    p.add_argument("--n-keys", type=int, default=512, help="|K| = n_keys^2 memory slots")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8, help="global batch (sequences per step)")
+    p.add_argument("--micro-batch", type=int, default=None, help="per rank and forward")
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--steps", type=int, default=6)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32"])
+    p.add_argument("--nproc", type=int, nargs="+", default=[1, 2], help="process counts")
+    p.add_argument("--train-target", type=float, default=0.8, help="memory / base, training")
+    p.add_argument("--infer-target", type=float, default=1.6, help="memory / deep, inference")
+    p.add_argument("--out", help="folder for bench_train.md and bench_train.jsonl")
+    args = p.parse_args(argv)
+    if args.preset == "paper":
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in argv if a.startswith("--")}
+        for key, value in PAPER.items():
+            if key not in given:
+                setattr(args, key, value)
+    for key in ("steps", "batch", "seq_len", "vocab", "threads"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')}={getattr(args, key)}: must be >= 1")
+    if args.warmup < 1:
+        p.error(f"--warmup={args.warmup}: must be >= 1 (the optimizer state is made there)")
+    if args.override and not args.experiments:
+        p.error("--override applies to --experiments (or --preset paper) only")
+    if any(n > 1 for n in args.nproc) and args.device == "cuda":
+        p.error("--nproc > 1 runs gloo processes on the CPU; use --nproc 1 with --device cuda")
+    return args
+
+
+@cli.main
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    machine = describe(device)
+    lines = [
+        machine,
+        "",
+        f"seq {args.seq_len}, batch {args.batch}, vocab {args.vocab:,}, {device}; {args.steps} "
+        f"timed steps after {args.warmup} warm-up, median tok/s (spread = (max - min) / "
+        f"median)" + (f"; overrides {' '.join(args.override)}" if args.override else ""),
+        "",
+    ]
+    print("\n".join(lines), flush=True)
+    figures = {}
+    for precision in args.precision:
+        table, figures[precision] = bench_precision(args, precision, device)
+        print("\n".join(table), flush=True)
+        lines += table
+    lines.append(describe(device))
+    print(lines[-1])
+    if args.out:
+        save(args.out, "bench_train", "\n".join(lines),
+             record(machine, figures, ["scripts/bench_train.py", *argv]))  # fmt: skip
