@@ -60,6 +60,9 @@ class MemoryPlacementConfig(MemoryConfig):
     layers: list[int] = field(default_factory=list)
     count: int = 0
     position: str = "replace"
+    # One value table read by every memory layer of the model (each keeps its own query network,
+    # norm and keys), as in "Memory Layers at Scale" (2024): |K| x v values once, not per layer.
+    share_values: bool = False
 
     KEY_PREFIX = "model.memory."
 

@@ -278,7 +278,7 @@ class _AllReduceSum(torch.autograd.Function):
 class SyncedBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d over the union of all ranks' batches, on any device.
 
-    A drop-in for the memory's ``query_bn`` (same parameters, buffers and state-dict keys):
+    A drop-in for the memory's ``query_norm`` (same parameters, buffers and state-dict keys):
     training mode all-reduces [sum x, sum x^2, count] in one call, then normalises with the
     global mean and biased variance and updates the running stats with the unbiased one.
     Outside training, or in a single process, it is plain BatchNorm1d.
@@ -327,7 +327,7 @@ class SyncedBatchNorm1d(nn.BatchNorm1d):
 def sync_query_batchnorms(memories: dict[int, nn.Module]) -> None:
     """Swap each memory's query BatchNorm for a synced one (before DDP wraps the model)."""
     for mem in memories.values():
-        if isinstance(mem.query_bn, nn.BatchNorm1d) and not isinstance(
-            mem.query_bn, SyncedBatchNorm1d
+        if isinstance(mem.query_norm, nn.BatchNorm1d) and not isinstance(
+            mem.query_norm, SyncedBatchNorm1d
         ):
-            mem.query_bn = SyncedBatchNorm1d.from_batchnorm(mem.query_bn)
+            mem.query_norm = SyncedBatchNorm1d.from_batchnorm(mem.query_norm)

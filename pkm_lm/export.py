@@ -54,9 +54,11 @@ def export(model: TransformerLM, vocab: Vocabulary, out_dir: str | Path, dtype: 
         )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    aliases = model.shared_names()  # safetensors stores a shared tensor once, by its first name
     tensors = {
         name: (t.to(DTYPES[dtype]) if t.is_floating_point() else t).detach().cpu().contiguous()
         for name, t in model.state_dict().items()
+        if name not in aliases
     }
     atomic_write_bytes(out / WEIGHTS, save(tensors, {"format": "pt", **(metadata or {})}))
     for path in vocab.files.values():
@@ -74,7 +76,8 @@ def main(dcfg: DictConfig) -> None:
     vocab = Vocabulary.load(cfg.data.dir)
     meta = {"step": str(state["step"]), "run_dir": str(ecfg.run_dir), "dtype": ecfg.dtype}
     out = export(model, vocab, ecfg.out_dir, ecfg.dtype, meta)
-    n = sum(t.numel() for t in model.state_dict().values())
+    aliases = model.shared_names()
+    n = sum(t.numel() for name, t in model.state_dict().items() if name not in aliases)
     print(f"exported {ecfg.run_dir} (step {state['step']}, {n:,} values, {ecfg.dtype}) -> {out}")
 
 

@@ -40,16 +40,21 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
 def memory_stats(model: nn.Module) -> Iterator[dict[int, MemoryStats]]:
     """Fresh usage/KL accumulators on every memory of ``model`` (keyed by 1-based layer) while
     the block runs; the accumulators they replaced come back afterwards, so an evaluation inside
-    training leaves the training usage gathered since the last log intact."""
+    training leaves the training usage gathered since the last log intact. When the memories
+    share one value table, the key "table" holds its usage by all of them together."""
     saved = {layer: mem.stats for layer, mem in model.memories.items()}
+    table = None
+    if len(model.memories) > 1 and len(model.value_parameters()) == 1:
+        first = next(iter(model.memories.values()))
+        table = MemoryStats(first.config.n_slots, device=first.values.weight.device)
     stats = {
-        layer: MemoryStats(mem.config.n_slots, device=mem.values.weight.device)
+        layer: MemoryStats(mem.config.n_slots, device=mem.values.weight.device, table=table)
         for layer, mem in model.memories.items()
     }
     for layer, mem in model.memories.items():
         mem.stats = stats[layer]
     try:
-        yield stats
+        yield stats if table is None else {**stats, "table": table}
     finally:
         for layer, mem in model.memories.items():
             mem.stats = saved[layer]

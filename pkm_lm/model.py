@@ -20,6 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 from pkm_lm.config import ModelConfig
 from pkm_lm.errors import DataError, NotFoundError
 from pkm_lm.memory import ProductKeyMemory
+from pkm_lm.memory.layer import rename_query_bn
 
 # The files of an exported model (pkm_lm/export.py), beside its tokenizer.
 WEIGHTS = "model.safetensors"
@@ -101,11 +102,15 @@ class TransformerLM(nn.Module):
         mem_layers = set(cfg.memory_layers)
         # 1-based block index -> its memory, the convention of configs and metrics.
         self.memories: dict[int, ProductKeyMemory] = {}
+        shared = None  # with share_values: the first memory's table, read by every memory
         blocks = []
         for i in range(1, cfg.n_layers + 1):
-            memory = ProductKeyMemory(cfg.dim, cfg.dim, cfg.memory) if i in mem_layers else None
-            if memory is not None:
+            memory = None
+            if i in mem_layers:
+                memory = ProductKeyMemory(cfg.dim, cfg.dim, cfg.memory, values=shared)
                 self.memories[i] = memory
+                if cfg.memory.share_values:
+                    shared = memory.values
             blocks.append(Block(cfg, memory))
         self.blocks = nn.ModuleList(blocks)
         self.final_norm = nn.LayerNorm(cfg.dim) if cfg.norm == "pre" else nn.Identity()
@@ -151,7 +156,11 @@ class TransformerLM(nn.Module):
             raise DataError(
                 f"{folder / WEIGHTS} is not a complete safetensors file ({e}); export it again"
             ) from e
-        problems = _mismatches(build_model(cfg, "meta").state_dict(), tensors)
+        rename_query_bn(tensors)  # an export of an earlier version
+        skeleton = build_model(cfg, "meta")
+        # A shared tensor is stored once (safetensors refuses aliases), under its first name.
+        tensors.update({a: tensors[n] for a, n in skeleton.shared_names().items() if n in tensors})
+        problems = _mismatches(skeleton.state_dict(), tensors)
         if problems:
             raise DataError(f"{folder / WEIGHTS} does not fit {folder / CONFIG_JSON}: {problems}")
         model = build_model(cfg, device)
@@ -159,25 +168,50 @@ class TransformerLM(nn.Module):
         return model.to(dtype=dtype).eval()
 
     def value_parameters(self) -> list[nn.Parameter]:
-        """The memories' value tables: the parameters of the value optimiser."""
-        return [mem.values.weight for mem in self.memories.values()]
+        """The memories' value tables, each once (a shared table is one parameter): the
+        parameters of the value optimiser."""
+        return list(dict.fromkeys(mem.values.weight for mem in self.memories.values()))
 
     def num_params(self, exclude_token_embedding: bool = False) -> int:
-        """Parameter count; without the (vocabulary-dependent, tied) token embedding on request."""
+        """Parameter count, a shared tensor counted once; without the (vocabulary-dependent,
+        tied) token embedding on request."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.tok_emb.weight.numel() if exclude_token_embedding else n
+
+    def param_summary(self) -> str:
+        """The parameter count for the training log, with the memory values and who reads them."""
+        tables = self.value_parameters()
+        n_values = sum(p.numel() for p in tables)
+        layers = list(self.memories)
+        if len(tables) < len(layers):
+            readers = f"one table read by the memories of layers {layers}"
+        else:
+            readers = f"{len(tables)} table{'s' * (len(tables) != 1)}"
+        return f"{self.num_params():,} parameters ({n_values:,} in memory values: {readers})"
+
+    def shared_names(self) -> dict[str, str]:
+        """State-dict name -> the first name of the same tensor, for the names a shared tensor
+        has beyond its first (a shared value table has one per memory layer)."""
+        first: dict[int, str] = {}
+        aliases = {}
+        for name, p in self.named_parameters(remove_duplicate=False):
+            if id(p) in first:
+                aliases[name] = first[id(p)]
+            else:
+                first[id(p)] = name
+        return aliases
 
     @torch.no_grad()
     def init_weights(self) -> None:
         """Initialise every parameter and buffer (after ``to_empty``): XLM's N(0, dim^-1/2)
-        embeddings, the memory's keys/values init, torch's defaults for Linear/LayerNorm/BN."""
+        embeddings, the memory's keys/values init, torch's defaults for Linear and the norms."""
         in_memory = {id(m) for mem in self.memories.values() for m in mem.modules()}
         for module in self.modules():
             if isinstance(module, ProductKeyMemory):
                 module.reset_memory_parameters()  # keys and values; its Linear/BN below
             elif isinstance(module, nn.Embedding) and id(module) not in in_memory:
                 nn.init.normal_(module.weight, std=self.cfg.dim**-0.5)
-            elif isinstance(module, (nn.Linear, nn.LayerNorm, nn.BatchNorm1d)):
+            elif isinstance(module, (nn.Linear, nn.LayerNorm, nn.GroupNorm, nn.BatchNorm1d)):
                 module.reset_parameters()
 
 

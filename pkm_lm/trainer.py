@@ -122,9 +122,7 @@ class Trainer:
         torch.manual_seed(t.seed + env.rank)  # dropout masks differ across ranks
         if data:
             self._resume()
-        sparse = [
-            mem.values.weight for mem in self.model.memories.values() if mem.config.sparse_grad
-        ]
+        sparse = self.model.value_parameters() if cfg.model.memory.sparse_grad else []
         self.sparse_grads = SparseGrads(sparse)
         if t.compile:  # in place: parameter names and checkpoints stay the eager model's
             compile_blocks(self.model)
@@ -266,10 +264,9 @@ class Trainer:
             cfg.logger.project,
             cfg.logger.mode,
         )
-        n_values = sum(p.numel() for p in self.model.value_parameters())
         print(
-            f"model: {self.model.num_params():,} parameters ({n_values:,} in memory values), "
-            f"memories at layers {cfg.model.memory_layers}; world size {self.env.world_size}, "
+            f"model: {self.model.param_summary()}, memories at layers "
+            f"{cfg.model.memory_layers}; world size {self.env.world_size}, "
             f"{self.accum_steps} micro-step(s) of {self.micro_batch} per rank on "
             f"{self.env.device}",
             flush=True,

@@ -40,7 +40,7 @@ def expected_params(cfg: TrainConfig) -> int:
     q = mem_cfg.heads * mem_cfg.k_dim
     v_dim = mem_cfg.v_dim or d
     mem = d * q + q if mem_cfg.query_net == "linear" else d * d + d + d * q + q
-    mem += 2 * q if mem_cfg.query_batchnorm else 0
+    mem += 2 * q if mem_cfg.query_norm != "none" else 0
     if mem_cfg.keys == "product":
         mem += mem_cfg.heads * 2 * mem_cfg.n_keys * (mem_cfg.k_dim // 2)
     else:
@@ -51,7 +51,9 @@ def expected_params(cfg: TrainConfig) -> int:
     per_mem = mem + ln  # its residual LayerNorm, in place of the FFN's or its own
     n_ffn = m.n_layers - (n_mem if mem_cfg.position == "replace" else 0)
     final = ln if m.norm == "pre" else 0
-    return n + m.n_layers * attn + n_ffn * ffn + n_mem * per_mem + final
+    # A shared value table is counted once, not once per memory layer.
+    shared = (n_mem - 1) * mem_cfg.n_slots * v_dim if mem_cfg.share_values and n_mem else 0
+    return n + m.n_layers * attn + n_ffn * ffn + n_mem * per_mem + final - shared
 
 
 def test_experiments_are_found():
@@ -88,7 +90,7 @@ def test_paper_12L_1mem_matches_the_paper_setting():
         32,
         512,
     )
-    assert m.memory_layers == [6] and m.memory.query_batchnorm
+    assert m.memory_layers == [6] and m.memory.query_norm == "batchnorm"
     assert (cfg.optim.lr, cfg.optim.value_lr, cfg.optim.betas) == (2.5e-4, 1e-3, [0.9, 0.98])
 
 

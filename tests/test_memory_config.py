@@ -35,7 +35,7 @@ def test_invalid_values_name_the_field(kwargs, field, allowed):
 def test_defaults_are_the_papers():
     cfg = MemoryConfig()
     assert (cfg.heads, cfg.knn, cfg.k_dim, cfg.n_slots) == (4, 32, 512, 512**2)
-    assert cfg.query_batchnorm and cfg.keys == "product"
+    assert cfg.query_norm == "batchnorm" and cfg.keys == "product"
 
 
 def test_triton_kernel_without_triton_says_how_to_install(monkeypatch):

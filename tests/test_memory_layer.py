@@ -58,8 +58,8 @@ def test_select_equals_exhaustive_search(n_keys, heads, knn, k_dim, n):
 
 
 def test_flat_keys_set_to_cartesian_product_give_product_result():
-    prod = make(n_keys=16, heads=3, knn=8, k_dim=8, query_batchnorm=False)
-    flat = make(n_keys=16, heads=3, knn=8, k_dim=8, query_batchnorm=False, keys="flat")
+    prod = make(n_keys=16, heads=3, knn=8, k_dim=8, query_norm="none")
+    flat = make(n_keys=16, heads=3, knn=8, k_dim=8, query_norm="none", keys="flat")
     with torch.no_grad():
         flat.query_net.load_state_dict(prod.query_net.state_dict())
         flat.values.weight.copy_(prod.values.weight)
@@ -142,11 +142,11 @@ def test_query_batchnorm_uses_batch_statistics_in_training_only():
     mem.train()
     q = mem.query(x).reshape(64, -1)
     torch.testing.assert_close(q.mean(0), torch.zeros(q.shape[1]), atol=1e-5, rtol=0)
-    assert mem.query_bn.num_batches_tracked.item() == 1
+    assert mem.query_norm.num_batches_tracked.item() == 1
     mem.eval()
     alone = mem.query(x[:1])
     torch.testing.assert_close(alone, mem.query(x)[:1])  # independent of the batch in eval
-    assert mem.query_bn.num_batches_tracked.item() == 1
+    assert mem.query_norm.num_batches_tracked.item() == 1
 
 
 def test_dropout_only_in_training():
@@ -193,7 +193,7 @@ def test_autocast_selects_exactly_the_fp32_slots(keys, batchnorm):
     """Under bf16 autocast the layer's selection equals the fp32 selection on its own queries."""
     mem = make(n_keys=32, heads=4, knn=16, k_dim=32, dim=64, dtype=torch.float32, keys=keys)
     if not batchnorm:
-        mem.query_bn = None  # queries then leave the query network in bf16
+        mem.query_norm = None  # queries then leave the query network in bf16
     mem.eval()
     x = torch.randn(256, 64)
     seen, select = [], mem.select

@@ -70,7 +70,7 @@ def test_meta_build_allocates_nothing_and_init_is_seeded():
         assert torch.equal(x, y), name
     # Embeddings N(0, dim^-1/2); query BN starts as identity with fresh running stats.
     assert abs(a.tok_emb.weight.std().item() - 32**-0.5) < 0.03
-    bn = a.memories[2].query_bn
+    bn = a.memories[2].query_norm
     assert torch.equal(bn.running_var, torch.ones_like(bn.running_var))
 
 

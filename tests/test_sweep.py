@@ -174,7 +174,7 @@ def test_shrunk_scales_keep_the_paper_structure(composed, scale):
             model = cfg.model
             assert model.n_layers == paper.n_layers, name
             assert model.memory_layers == paper.memory_layers, name
-            for field in ("heads", "knn", "keys", "query_batchnorm"):
+            for field in ("heads", "knn", "keys", "query_norm"):
                 assert getattr(model.memory, field) == getattr(paper.memory, field), (name, field)
             assert model.memory.n_slots * SLOT_DIVISOR[scale] == paper.memory.n_slots, name
 
@@ -186,7 +186,7 @@ def test_paper_settings(composed):
         assert (cfg.model.n_layers, len(cfg.model.memory_layers)) == (layers, mems), name
         mem = cfg.model.memory
         assert (mem.n_slots, mem.heads, mem.knn, mem.k_dim) == (512**2, 4, 32, 512), name
-        assert mem.query_batchnorm and mem.keys == "product", name
+        assert mem.query_norm == "batchnorm" and mem.keys == "product", name
         assert (cfg.model.n_heads, cfg.train.precision) == (16, "fp16"), name
         assert (cfg.optim.lr, cfg.optim.value_lr, list(cfg.optim.betas)) == (
             2.5e-4,

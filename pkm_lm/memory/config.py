@@ -11,6 +11,7 @@ from pkm_lm.errors import check_choice, check_probability, invalid, require
 
 KEY_TYPES = ("product", "flat")
 QUERY_NETS = ("linear", "mlp")
+QUERY_NORMS = ("batchnorm", "layernorm", "none")
 KERNELS = ("torch", "triton", "auto")
 
 
@@ -47,7 +48,13 @@ class MemoryConfig:
     v_dim: int | None = None  # value size; None = the layer's output dim
     keys: str = "product"  # "product" (n_keys**2 implicit keys) | "flat" (explicit keys, baseline)
     query_net: str = "linear"  # "linear" | "mlp" (Linear-ReLU-Linear, hidden = input dim)
-    query_batchnorm: bool = True  # BN on queries: raises key usage on large memories (paper 4.5)
+    # Normalisation of the queries: "batchnorm" (the paper's; raises key usage on large memories,
+    # section 4.5, but in training normalises with the whole batch's statistics, later positions
+    # included, so it is not causal) | "layernorm" (each head's query on its own: causal) | "none"
+    query_norm: str = "batchnorm"
+    # Superseded by query_norm; kept so that configs and runs written before it still load:
+    # true is query_norm=batchnorm, false query_norm=none. Read once, then null.
+    query_batchnorm: bool | None = None
     input_dropout: float = 0.0
     query_dropout: float = 0.0
     value_dropout: float = 0.0  # dropout on the softmax weights of the selected slots
@@ -95,6 +102,8 @@ class MemoryConfig:
         )
         check_choice(key + "keys", self.keys, KEY_TYPES)
         check_choice(key + "query_net", self.query_net, QUERY_NETS)
+        self._map_query_batchnorm()
+        check_choice(key + "query_norm", self.query_norm, QUERY_NORMS)
         check_choice(key + "kernel", self.kernel, KERNELS)
         if self.kernel == "triton" and importlib.util.find_spec("triton") is None:
             raise invalid(
@@ -105,6 +114,21 @@ class MemoryConfig:
             )
         for name in ("input_dropout", "query_dropout", "value_dropout"):
             check_probability(key + name, getattr(self, name))
+
+    def _map_query_batchnorm(self) -> None:
+        """Turn the older ``query_batchnorm`` flag into ``query_norm`` (refusing a contradiction)."""
+        if self.query_batchnorm is None:
+            return
+        key = self.KEY_PREFIX
+        mapped = "batchnorm" if self.query_batchnorm else "none"
+        require(
+            self.query_norm in ("batchnorm", mapped),
+            key + "query_batchnorm",
+            self.query_batchnorm,
+            f"contradicts {key}query_norm={self.query_norm}: it is the older name of "
+            f"{key}query_norm={mapped}; set only {key}query_norm",
+        )
+        self.query_norm, self.query_batchnorm = mapped, None
 
     @property
     def n_slots(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -15,7 +16,7 @@ from .stats import MemoryStats
 from .values import value_bag
 
 
-def query_norm(kind: str, heads: int, q_size: int) -> nn.Module | None:
+def make_query_norm(kind: str, heads: int, q_size: int) -> nn.Module | None:
     """The norm of ``q_size = heads * k_dim`` queries that ``MemoryConfig.query_norm`` names.
 
     "batchnorm" normalises each feature over the batch, whose later positions a causal LM must
@@ -31,11 +32,16 @@ def query_norm(kind: str, heads: int, q_size: int) -> nn.Module | None:
     return None
 
 
-def _rename_query_bn(module, state_dict, prefix, *args) -> None:
-    """Load a state dict saved when the query norm was the attribute ``query_bn``."""
-    old = prefix + "query_bn."
-    for key in [k for k in state_dict if k.startswith(old)]:
-        state_dict[prefix + "query_norm." + key[len(old) :]] = state_dict.pop(key)
+_QUERY_BN = re.compile(r"(^|\.)query_bn\.")
+
+
+def rename_query_bn(state_dict: dict, prefix: str = "") -> None:
+    """Rename, in place, the keys under ``prefix`` of a state dict saved when the query norm was
+    the attribute ``query_bn`` (checkpoints and exports of earlier versions)."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        renamed = prefix + _QUERY_BN.sub(r"\1query_norm.", key[len(prefix) :])
+        if renamed != key:
+            state_dict[renamed] = state_dict.pop(key)
 
 
 class ProductKeyMemory(nn.Module):
@@ -46,7 +52,16 @@ class ProductKeyMemory(nn.Module):
     outputs are summed.
     """
 
-    def __init__(self, input_dim: int, output_dim: int, config: MemoryConfig | None = None):
+    def __init__(
+        self,
+        input_dim: int,
+        output_dim: int,
+        config: MemoryConfig | None = None,
+        values: nn.Embedding | None = None,
+    ):
+        """``values``: the value table of another memory, to read it too (one table shared by
+        several layers: autograd sums the layers' gradients into it); that memory owns and
+        initialises it. None: a table of this layer's own."""
         super().__init__()
         self.config = cfg = config if config is not None else MemoryConfig()
         self.input_dim, self.output_dim = input_dim, output_dim
@@ -58,8 +73,10 @@ class ProductKeyMemory(nn.Module):
             self.query_net = nn.Sequential(
                 nn.Linear(input_dim, input_dim), nn.ReLU(), nn.Linear(input_dim, q_size)
             )
-        self.query_norm = query_norm(cfg.query_norm, cfg.heads, q_size)
-        self.register_load_state_dict_pre_hook(_rename_query_bn)
+        self.query_norm = make_query_norm(cfg.query_norm, cfg.heads, q_size)
+        self.register_load_state_dict_pre_hook(
+            lambda _, state, prefix, *__: rename_query_bn(state, prefix)
+        )
         if cfg.keys == "product":
             self.sub_keys = nn.Parameter(torch.empty(cfg.heads, 2, cfg.n_keys, cfg.k_dim // 2))
             # A buffer, so it moves with the module and no forward copies it from the host.
@@ -67,7 +84,16 @@ class ProductKeyMemory(nn.Module):
         else:
             self.keys = nn.Parameter(torch.empty(cfg.heads, cfg.n_slots, cfg.k_dim))
         # Read through value_bag, never called; `sparse` tells DDP to expect sparse gradients.
-        self.values = nn.Embedding(cfg.n_slots, v_dim, sparse=cfg.sparse_grad)
+        self.owns_values = values is None
+        if values is None:
+            values = nn.Embedding(cfg.n_slots, v_dim, sparse=cfg.sparse_grad)
+        self.values = values
+        found = (values.num_embeddings, values.embedding_dim, values.sparse)
+        if found != (cfg.n_slots, v_dim, cfg.sparse_grad):
+            raise ValueError(
+                f"a shared value table of (slots, v_dim, sparse) = {found} does not fit this "
+                f"layer's {(cfg.n_slots, v_dim, cfg.sparse_grad)}"
+            )
         self.value_proj = nn.Linear(v_dim, output_dim) if v_dim != output_dim else None
         self.gate = nn.Linear(input_dim, output_dim, bias=False) if cfg.gated else None
         self.stats: MemoryStats | None = None  # set to collect usage/KL on every forward
@@ -75,7 +101,8 @@ class ProductKeyMemory(nn.Module):
 
     @torch.no_grad()
     def reset_memory_parameters(self) -> None:
-        """XLM initialisation: keys U(-1/sqrt(dim), 1/sqrt(dim)), values N(0, v_dim^-1/2).
+        """XLM initialisation: keys U(-1/sqrt(dim), 1/sqrt(dim)), values N(0, v_dim^-1/2) (by the
+        table's owner only: a shared table is drawn once).
 
         Also fills the candidate-pair buffer, for modules built on the meta device."""
         cfg = self.config
@@ -84,7 +111,8 @@ class ProductKeyMemory(nn.Module):
         keys = self.sub_keys if cfg.keys == "product" else self.keys
         bound = 1.0 / math.sqrt(keys.shape[-1])
         keys.uniform_(-bound, bound)
-        self.values.weight.normal_(0.0, self.values.weight.shape[1] ** -0.5)
+        if self.owns_values:
+            self.values.weight.normal_(0.0, self.values.weight.shape[1] ** -0.5)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """(N, input_dim) -> (N, heads, k_dim): the query network, its norm included."""

@@ -16,10 +16,18 @@ class MemoryStats:
     the accumulators across distributed ranks; ``compute`` turns them into the paper's metrics.
     """
 
-    def __init__(self, n_slots: int, device: torch.device | str | None = None):
+    def __init__(
+        self,
+        n_slots: int,
+        device: torch.device | str | None = None,
+        table: MemoryStats | None = None,
+    ):
+        """``table``: the accumulators of a value table several layers share, which this
+        layer's updates also go to (the table's usage is that of all its readers together)."""
         self.n_slots = n_slots
         self.weights = torch.zeros(n_slots, dtype=torch.float64, device=device)
         self.counts = torch.zeros(n_slots, dtype=torch.float64, device=device)
+        self.table = table
 
     def reset(self) -> None:
         self.weights.zero_()
@@ -32,6 +40,8 @@ class MemoryStats:
         w = weights.reshape(-1).to(device=self.counts.device, dtype=torch.float64)
         self.counts.index_add_(0, idx, torch.ones_like(w))
         self.weights.index_add_(0, idx, w)
+        if self.table is not None:
+            self.table.update(indices, weights)
 
     def merge(self, other: MemoryStats) -> None:
         self.weights += other.weights.to(self.weights.device)
