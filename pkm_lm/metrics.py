@@ -37,7 +37,7 @@ def truncate_metrics(run_dir: str | Path, step: int) -> None:
 
 
 @contextlib.contextmanager
-def memory_stats(model: nn.Module) -> Iterator[dict[int, MemoryStats]]:
+def memory_stats(model: nn.Module) -> Iterator[dict[int | str, MemoryStats]]:
     """Fresh usage/KL accumulators on every memory of ``model`` (keyed by 1-based layer) while
     the block runs; the accumulators they replaced come back afterwards, so an evaluation inside
     training leaves the training usage gathered since the last log intact. When the memories
