@@ -80,11 +80,15 @@ def read_run_config(run_dir: str | Path) -> TrainConfig:
 
 
 def load_run(
-    run_dir: str | Path, device: torch.device | str = "cpu", checkpoint: str | Path | None = None
+    run_dir: str | Path,
+    device: torch.device | str = "cpu",
+    checkpoint: str | Path | None = None,
+    value_dtype: torch.dtype | None = None,
 ) -> tuple[TransformerLM, TrainConfig, dict[str, Any]]:
     """The trained model of ``run_dir`` on ``device`` (from its newest complete checkpoint, or
     ``checkpoint``), its config, and the checkpoint's state (on the CPU, memory-mapped: the
-    optimizer state is not read unless used)."""
+    optimizer state is not read unless used). ``value_dtype``: cast the memory value tables
+    (e.g. bf16 for inference: a memory's reads move half the bytes)."""
     cfg = read_run_config(run_dir)
     ckpt_path = Path(checkpoint) if checkpoint else latest_checkpoint(run_dir)
     if ckpt_path is None:
@@ -92,4 +96,7 @@ def load_run(
     state = load_checkpoint(ckpt_path)
     model = build_model(cfg.model, device)
     model.load_state_dict(state["model"])
+    if value_dtype is not None:
+        for memory in model.memories.values():
+            memory.values.to(value_dtype)
     return model, cfg, state

@@ -314,6 +314,9 @@ class TrainConfig:
             )
 
 
+VALUE_DTYPES = ("float32", "bfloat16")  # dtypes of the value tables at inference
+
+
 @dataclass
 class EvaluateConfig:
     run_dir: str = "???"
@@ -321,9 +324,13 @@ class EvaluateConfig:
     batch_size: int | None = None  # per rank; None: the run's eval batch size
     checkpoint: str | None = None  # None: the newest complete checkpoint of the run
     device: str | None = None  # auto, cpu or cuda; None: the run's train.device
+    # bfloat16: the memory value tables are read in bf16 (half the bytes; outputs move by bf16
+    # rounding of the values, the slots selected do not change)
+    value_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         check_choice("device", self.device, (None, "auto", "cpu", "cuda"))
+        check_choice("value_dtype", self.value_dtype, VALUE_DTYPES)
 
 
 @dataclass
@@ -337,9 +344,11 @@ class GenerateConfig:
     seed: int = 0
     checkpoint: str | None = None
     device: str | None = None  # auto, cpu or cuda; None: the run's train.device
+    value_dtype: str = "float32"  # as EvaluateConfig.value_dtype
 
     def __post_init__(self) -> None:
         check_choice("device", self.device, (None, "auto", "cpu", "cuda"))
+        check_choice("value_dtype", self.value_dtype, VALUE_DTYPES)
         check_positive("max_new_tokens", self.max_new_tokens)
         check_positive("num_samples", self.num_samples)
         require(self.temperature > 0, "temperature", self.temperature, "must be > 0")

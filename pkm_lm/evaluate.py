@@ -97,7 +97,9 @@ def main(dcfg: DictConfig) -> None:
     run_cfg = read_run_config(ecfg.run_dir)
     env = init_distributed(device=ecfg.device or run_cfg.train.device)
     try:
-        model, cfg, state = load_run(ecfg.run_dir, env.device, ecfg.checkpoint)
+        model, cfg, state = load_run(
+            ecfg.run_dir, env.device, ecfg.checkpoint, getattr(torch, ecfg.value_dtype)
+        )
         tokens = open_split(cfg.data.dir, ecfg.split)
         micro, _ = cfg.train.micro_steps(1)
         batch_size = ecfg.batch_size or cfg.train.eval_batch_size or micro

@@ -51,7 +51,9 @@ def sample(
 def main(dcfg: DictConfig) -> None:
     gcfg: GenerateConfig = OmegaConf.to_object(dcfg)
     device = resolve_device(gcfg.device or read_run_config(gcfg.run_dir).train.device)
-    model, cfg, _ = load_run(gcfg.run_dir, device, gcfg.checkpoint)
+    model, cfg, _ = load_run(
+        gcfg.run_dir, device, gcfg.checkpoint, getattr(torch, gcfg.value_dtype)
+    )
     vocab = Vocabulary.load(cfg.data.dir)
     prompt_ids = [vocab.eos_index] + vocab.encode(gcfg.prompt)
     context = torch.tensor([prompt_ids] * gcfg.num_samples, device=device)

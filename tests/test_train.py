@@ -117,6 +117,15 @@ def test_metrics_contract_checkpoints_evaluate_and_generate(data_dir, tmp_path):
                "max_new_tokens=8", "num_samples=2"]).stdout  # fmt: skip
     assert "--- sample 2 ---" in out and "The cat" in out
 
+    # Value tables read in bf16: the same model within bf16 rounding of its values.
+    run(["-m", "pkm_lm.evaluate", f"run_dir={run_dir}", "split=test", "value_dtype=bfloat16"])
+    bf16_rec = read_metrics(run_dir)[-1]
+    assert bf16_rec["ppl"] == pytest.approx(test_rec["ppl"], rel=1e-2)
+    assert bf16_rec["ppl"] != test_rec["ppl"]
+    out = run(["-m", "pkm_lm.generate", f"run_dir={run_dir}", "prompt=The cat",
+               "max_new_tokens=8", "value_dtype=bfloat16"]).stdout  # fmt: skip
+    assert "--- sample 1 ---" in out
+
 
 def test_kill_and_resume_equals_uninterrupted(data_dir, tmp_path):
     """SIGKILL mid-run, rerun the same command: identical weights and losses, bit for bit."""

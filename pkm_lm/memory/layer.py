@@ -162,6 +162,8 @@ class ProductKeyMemory(nn.Module):
                 cfg.sparse_grad,
                 pick_kernel(cfg.kernel, x.device),
             )  # (N, v_dim), summed over heads and knn
+        # A table cast to bf16 for inference reads in bf16; the output keeps the input's dtype.
+        out = out.to(torch.promote_types(out.dtype, x.dtype))
         if self.value_proj is not None:
             out = self.value_proj(out)
         if self.gate is not None:
