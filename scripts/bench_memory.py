@@ -16,6 +16,11 @@ Usage:
     python scripts/bench_memory.py                      # 128^2 .. 1024^2, 5 rounds
     python scripts/bench_memory.py --sizes 512 1024 --rounds 7
     python scripts/bench_memory.py --device cuda        # synchronizes before reading the clock
+    python scripts/bench_memory.py --device cuda --batch 32 --out results/gpu/NAME   # 8k tokens
+
+``--out DIR`` writes the printed tables to DIR/bench_memory.md and appends a record (command,
+machine, every round's seconds, the peaks, and each variant's ratio to the reference held to
+"faster": met only beyond the spread) to DIR/bench_memory.jsonl.
 """
 
 from __future__ import annotations
@@ -34,9 +39,12 @@ import torch
 
 from pkm_lm import cli
 from pkm_lm.memory import LazyAdam, MemoryConfig, ProductKeyMemory
+from pkm_lm.perf.layer_args import Parser
 from pkm_lm.perf.machine import describe
+from pkm_lm.perf.records import record, save, tee_stdout
+from pkm_lm.perf.targets import Target, faster_than
 
-DIM, BATCH, SEQ, HEADS, KNN, K_DIM = 512, 8, 256, 4, 32, 512
+DIM, SEQ, HEADS, KNN, K_DIM = 512, 256, 4, 32, 512
 FLAT_MAX_KEYS = 256  # flat keys score every slot: 512^2 would take ~15 s per forward on a CPU
 
 
@@ -111,9 +119,9 @@ def time_steps(models: dict, x: torch.Tensor, fused: bool, rounds: int) -> dict:
 
 
 def speed_table(
-    variants: list[str], sizes: list[int], rounds: int, device: str, steps: bool
+    variants: list[str], sizes: list[int], rounds: int, device: str, steps: bool, batch: int
 ) -> list[dict]:
-    x = torch.randn(BATCH, SEQ, DIM, device=device)
+    x = torch.randn(batch, SEQ, DIM, device=device)
     rows = []
     for n in sizes:
         names = [v for v in variants if v != "flat" or n <= FLAT_MAX_KEYS]
@@ -152,10 +160,10 @@ def peak_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-def peak_child(variant: str, n_keys: int, device: str, threads: int) -> None:
+def peak_child(variant: str, n_keys: int, device: str, threads: int, batch: int) -> None:
     """Runs in a subprocess: peak memory (GiB) after construction, fwd+bwd, and 2 full steps."""
     torch.set_num_threads(threads)
-    x = torch.randn(BATCH, SEQ, DIM, device=device)
+    x = torch.randn(batch, SEQ, DIM, device=device)
     model = build(variant, n_keys, device)
     out = {"built": peak_gib(device)}
     forward_backward(model, x)
@@ -167,9 +175,10 @@ def peak_child(variant: str, n_keys: int, device: str, threads: int) -> None:
     print(json.dumps(out))
 
 
-def peak_table(variants: list[str], n: int, device: str, threads: int) -> None:
+def peak_table(variants: list[str], n: int, device: str, threads: int, batch: int) -> dict:
     def run(v):
         cmd = [sys.executable, __file__, "--peak-child", v, str(n), device, str(threads)]
+        cmd.append(str(batch))
         return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
     names = [v for v in variants if v != "flat"]
@@ -186,6 +195,21 @@ def peak_table(variants: list[str], n: int, device: str, threads: int) -> None:
             f"| {v} | {r['built']:.2f} | {r['fwd+bwd']:.2f} | {r['step']:.2f} | "
             f"{r['fwd+bwd'] / ref['fwd+bwd']:.2f}x | {r['step'] / ref['step']:.2f}x |"
         )
+    return peaks
+
+
+def faster_than_reference(rows: list[dict], variants: list[str]) -> list[Target]:
+    """Each variant's median time over the reference's, per size and phase: < 1 (faster) is
+    the goal, met only when the ratio plus the two timings' spreads stays below 1."""
+
+    out = []
+    for v in (v for v in variants if v not in ("reference", "flat")):
+        for phase in ("forward", "fwd+bwd", "step", "step fused"):
+            for r in (r for r in rows if f"{v}/{phase}" in r):
+                ref = r[f"reference/{phase}" + (f" beside {v}" if "step" in phase else "")]
+                name = f"{v} {phase} at {r['n_keys']}^2 / reference"
+                out.append(faster_than(name, r[f"{v}/{phase}"], ref))
+    return out
 
 
 def print_tables(rows: list[dict], variants: list[str]) -> None:
@@ -236,11 +260,13 @@ def print_tables(rows: list[dict], variants: list[str]) -> None:
 
 @cli.main
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
         "--sizes", type=int, nargs="+", default=[128, 256, 512, 1024], help="n_keys values"
     )
     parser.add_argument("--rounds", type=int, default=5, help="at least 2 (both orders)")
+    parser.add_argument("--batch", type=int, default=8, help="sequences of 256 tokens (8)")
+    parser.add_argument("--out", help="folder for bench_memory.md and bench_memory.jsonl")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument(
@@ -256,31 +282,47 @@ def main() -> None:
         action="store_true",
         help="skip the full steps (two optimizer states of a 1024^2 table need ~16 GB free)",
     )
-    parser.add_argument("--peak-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--peak-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.peak_child:
-        variant, n, device, threads = args.peak_child
-        return peak_child(variant, int(n), device, int(threads))
+        variant, n, device, threads, batch = args.peak_child
+        return peak_child(variant, int(n), device, int(threads), int(batch))
     if args.rounds < 2:
         parser.error(f"--rounds={args.rounds}: at least 2, one in each order of run")
+    if args.batch < 1:
+        parser.error(f"--batch={args.batch}: must be >= 1")
+    if min(args.sizes) < KNN:
+        parser.error(f"--sizes={args.sizes}: each >= {KNN} (the layer reads {KNN} sub-keys)")
     if args.device == "cuda" and not torch.cuda.is_available():
-        sys.exit("bench_memory: --device cuda needs a CUDA device; none is visible")
+        parser.error("--device=cuda: no CUDA device is visible")
     variants = args.variants or ["ours", "default"]
     if args.variants is None and args.device == "cuda" and importlib.util.find_spec("triton"):
         variants.append("triton")
     variants = [v for v in variants if v != "reference"] + ["reference"]
     torch.set_num_threads(args.threads)
-    print(describe(args.device))
-    print(
-        f"input/output dim {DIM}, {BATCH}x{SEQ} tokens, heads {HEADS}, knn {KNN}, k_dim {K_DIM}, "
-        f"{args.rounds} rounds\n"
-    )
-    if not args.peak_only:
-        rows = speed_table(variants, args.sizes, args.rounds, args.device, not args.no_steps)
-        print_tables(rows, variants)
-        print(f"\nafter the timings: {describe(args.device)}")
-    if not args.no_peak:
-        peak_table(variants, args.sizes[-1], args.device, args.threads)
+    machine = describe(args.device)
+    rows, peaks, targets = [], {}, []
+    with tee_stdout() as printed:
+        print(machine)
+        print(
+            f"input/output dim {DIM}, {args.batch}x{SEQ} tokens, heads {HEADS}, knn {KNN}, "
+            f"k_dim {K_DIM}, {args.rounds} rounds\n"
+        )
+        if not args.peak_only:
+            steps = not args.no_steps
+            rows = speed_table(variants, args.sizes, args.rounds, args.device, steps, args.batch)
+            print_tables(rows, variants)
+            targets = faster_than_reference(rows, variants)
+            print("\nFaster than the reference (met only beyond the spread of both timings):\n")
+            print("\n".join(t.line() for t in targets))
+            print(f"\nafter the timings: {describe(args.device)}")
+        if not args.no_peak:
+            peaks = peak_table(variants, args.sizes[-1], args.device, args.threads, args.batch)
+    if args.out:
+        figures = {"tokens": args.batch * SEQ, "rounds": rows, "peak_gib": peaks,
+                   "targets": [t.as_dict() for t in targets]}  # fmt: skip
+        rec = record(machine, figures, ["scripts/bench_memory.py", *sys.argv[1:]])
+        save(args.out, "bench_memory", printed.getvalue(), rec)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from pkm_lm.perf.layer_args import PRESETS
 from pkm_lm.perf.layer_step import build_step, parse_overrides
 from pkm_lm.perf.records import append_record, read_records, record
 from pkm_lm.perf.roofline import LayerShapes, roofline, table
-from pkm_lm.perf.targets import Target
+from pkm_lm.perf.targets import Target, faster_than
 
 # The H200 at the first GPU run's shapes, with its effective (not datasheet) peaks.
 H200_EFFECTIVE = Peaks("H200", 2.9e12, 500e12, 500e12, 500e12)
@@ -96,6 +96,13 @@ def test_a_target_is_met_only_beyond_the_spread(value, target, higher, spread, m
     assert t.met is met
     assert t.line().endswith(": met" if met else ": not met")
     assert t.as_dict()["met"] is met
+
+
+def test_faster_than_the_reference_counts_both_spreads():
+    t = faster_than("x", [0.8, 0.9, 1.0], [1.0, 1.0, 1.0])
+    assert t.value == pytest.approx(0.9) and t.spread == pytest.approx(0.2 / 0.9)
+    assert not t.met  # 0.9 + 22% > 1
+    assert faster_than("x", [0.5, 0.5], [1.0, 1.1]).met
 
 
 def test_records_append_as_json_lines(tmp_path):

@@ -20,6 +20,7 @@ from pkm_lm.memory import LazyAdam, MemoryConfig, ProductKeyMemory, clip_grad_no
 from pkm_lm.precision import autocast
 
 from .roofline import LayerShapes
+from .targets import spread
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -118,7 +119,7 @@ class Timing:
 
     @property
     def spread(self) -> float:
-        return (max(self.seconds) - min(self.seconds)) / self.median
+        return spread(self.seconds)
 
     def as_dict(self) -> dict:
         return {"median_s": self.median, "spread": self.spread, "seconds": self.seconds}

@@ -7,11 +7,14 @@ machine line (``pkm_lm.perf.machine.describe``), the UTC time and the figures.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import io
 import json
 import os
 import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -52,3 +55,25 @@ def save(out: str | os.PathLike, stem: str, table: str, rec: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / f"{stem}.md", table.rstrip("\n") + "\n")
     append_record(out / f"{stem}.jsonl", rec)
+
+
+class _Tee(io.StringIO):
+    def __init__(self, stream) -> None:
+        super().__init__()
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        self.stream.write(text)
+        return super().write(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+@contextlib.contextmanager
+def tee_stdout() -> Iterator[io.StringIO]:
+    """Print as usual and keep a copy (``.getvalue()``): a benchmark that prints its tables
+    saves the same text with ``save``."""
+    tee = _Tee(sys.stdout)
+    with contextlib.redirect_stdout(tee):
+        yield tee

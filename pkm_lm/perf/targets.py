@@ -7,6 +7,7 @@ to clear the target; every benchmark and the GPU check use this one rule.
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import asdict, dataclass
 
 
@@ -40,3 +41,15 @@ class Target:
 def ratio_spread(*spreads: float) -> float:
     """Spread of a ratio (or product) of medians: the relative spreads add (first order)."""
     return sum(spreads)
+
+
+def spread(samples: list[float]) -> float:
+    """(max - min) / median of repeated timings."""
+    return (max(samples) - min(samples)) / statistics.median(samples)
+
+
+def faster_than(name: str, ours: list[float], reference: list[float]) -> Target:
+    """``ours`` (seconds per round) against ``reference``: the ratio of their medians must
+    stay below 1 by more than the two timings' spreads together."""
+    ratio = statistics.median(ours) / statistics.median(reference)
+    return Target(name, ratio, 1.0, False, ratio_spread(spread(ours), spread(reference)))

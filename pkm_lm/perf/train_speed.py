@@ -51,7 +51,7 @@ from pkm_lm.trainer import Trainer
 from .layer_args import Parser
 from .machine import describe
 from .records import record, save
-from .targets import Target, ratio_spread
+from .targets import Target, ratio_spread, spread
 
 PAPER = dict(
     experiments=["12L_0mem", "12L_1mem", "24L_0mem"],
@@ -197,8 +197,7 @@ def interleaved(steps: int, steppers: list[Stepper], tokens: int) -> list[dict]:
     out = []
     for s in steppers:
         median = statistics.median(s.seconds)
-        spread = (max(s.seconds) - min(s.seconds)) / median
-        out.append({"tok_s": tokens / median, "spread": spread, "seconds": s.seconds,
+        out.append({"tok_s": tokens / median, "spread": spread(s.seconds), "seconds": s.seconds,
                     "peak_gib": s.peak_gib})  # fmt: skip
     return out
 
