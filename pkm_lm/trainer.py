@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from pkm_lm.atomic import atomic_write_text
 from pkm_lm.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pkm_lm.compile import compile_blocks
 from pkm_lm.config import TrainConfig
 from pkm_lm.data import TokenStream, load_manifest, open_split
 from pkm_lm.distributed import (
@@ -34,6 +35,7 @@ from pkm_lm.distributed import (
 )
 from pkm_lm.errors import invalid
 from pkm_lm.evaluate import evaluate_split
+from pkm_lm.memory.values import dense_gradient_advised
 from pkm_lm.metrics import (
     MetricLogger,
     format_eval_line,
@@ -43,7 +45,6 @@ from pkm_lm.metrics import (
     safe_ppl,
     truncate_metrics,
 )
-from pkm_lm.compile import compile_blocks
 from pkm_lm.model import build_model
 from pkm_lm.optim import build_optimizers, clip_gradients
 from pkm_lm.precision import autocast, grad_scaler
@@ -271,6 +272,19 @@ class Trainer:
             f"{self.env.device}",
             flush=True,
         )
+        memory = cfg.model.memory
+        reads = self.micro_batch * cfg.data.seq_len * memory.heads * memory.knn
+        if (
+            cfg.model.memory_layers
+            and memory.sparse_grad
+            and dense_gradient_advised(reads, memory.n_slots, self.env.device)
+        ):
+            print(
+                f"note: a micro-step reads {reads:,} slots of {memory.n_slots:,}, so the "
+                "row-sparse value gradient holds every row: model.memory.sparse_grad=false "
+                "optim.value_optimizer=adam is as lean here, with fused Adam (docs/memory.md)",
+                flush=True,
+            )
 
     def train_step(self, batch: torch.Tensor) -> StepResult:
         """One optimizer step on this rank's rows of a global batch, (B / world, T + 1) tokens."""

@@ -6,7 +6,12 @@ import gc
 import torch
 
 import pkm_lm.memory.values as values
-from pkm_lm.memory.values import read_weight_gradients, reusable_empty, value_bag
+from pkm_lm.memory.values import (
+    dense_gradient_advised,
+    read_weight_gradients,
+    reusable_empty,
+    value_bag,
+)
 
 
 def reads(n=7, per_bag=5, n_rows=30, width=6, seed=0):
@@ -70,3 +75,11 @@ def test_a_sparse_gradient_reaches_grad_coalesced_and_a_sum_of_two_is_not_marked
     if grad.is_coalesced():
         rows = grad.indices()[0]
         assert bool((rows[1:] > rows[:-1]).all())
+
+
+def test_dense_gradient_is_advised_off_the_cpu_once_a_step_reads_the_whole_table():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    # 8,192 tokens x 4 heads x 32 reads against 512^2 slots: every row is in the gradient.
+    assert dense_gradient_advised(8192 * 128, 512**2, cuda)
+    assert not dense_gradient_advised(8192 * 128, 2048**2, cuda)
+    assert not dense_gradient_advised(8192 * 128, 512**2, cpu), "exact rows on CPU"

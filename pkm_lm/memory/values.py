@@ -93,6 +93,15 @@ def _restore_coalesced(table: torch.Tensor) -> None:
         )
 
 
+def dense_gradient_advised(reads: int, n_slots: int, device: torch.device) -> bool:
+    """Whether a dense value gradient (with fused Adam) is the better choice for a step that
+    reads ``reads`` slots (tokens x heads x knn) of ``n_slots``: off the CPU a row-sparse
+    gradient has min(reads, |K|) rows, so from reads >= |K| on it is the whole table plus its
+    indices, and LazyAdam then updates every row as Adam would, in a less fused kernel. On CPU
+    it holds exactly the rows read and its fused C++ step is measured faster or even."""
+    return device.type != "cpu" and reads >= n_slots
+
+
 def touched_rows(slots: torch.Tensor, n_rows: int, exact: bool) -> torch.Tensor:
     """Ascending unique rows covering every slot in ``slots`` (any order, repeats allowed).
 
