@@ -1,10 +1,11 @@
 """``train.compile=true``: torch.compile of every Transformer block, in place.
 
 Each block is compiled on its own (``nn.Module.compile``: parameter names, and so checkpoints,
-stay those of the eager model). Inside a memory block the selection and the value read stay
-eager: they are autograd functions whose backward passes run C++ and Triton kernels Dynamo
-cannot trace (``torch.compiler.disable`` marks the per-half sub-key top-k and ``value_bag``);
-the query network, its norm, the candidate merge, the softmax and the output are compiled. ``graph_breaks`` lists them, for tests and logs.
+stay those of the eager model). The memory's value read stays eager (``value_bag`` runs C++ or
+Triton kernels and keeps a gradient hook: ``torch.compiler.disable`` marks it), and so does its
+per-half sub-key top-k on CPU, whose backward runs C++ bags; on accelerators the sub-key scores,
+top-k, candidate merge and their backward compile with the rest. ``graph_breaks`` lists the
+breaks, for tests and logs.
 """
 
 from __future__ import annotations

@@ -32,11 +32,16 @@ class _HalfTopk(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_scores, _):
         query, keys, indices = ctx.saved_tensors
-        if keys.device.type == "cpu":
-            grads = bag_score_gradients(query, keys, indices, grad_scores, ctx.needs_input_grad)
-        else:
+        if dense_backward(keys.device):
             grads = dense_score_gradients(query, keys, indices, grad_scores)
+        else:
+            grads = bag_score_gradients(query, keys, indices, grad_scores, ctx.needs_input_grad)
         return *grads, None
+
+
+def dense_backward(device: torch.device) -> bool:
+    """The score backward of ``device``: two dense matmuls (accelerators) or bags (CPU)."""
+    return device.type != "cpu"
 
 
 def bag_score_gradients(query, keys, indices, grad_scores, needs=(True, True)):
@@ -69,9 +74,16 @@ def dense_score_gradients(query, keys, indices, grad_scores):
     )
 
 
-@torch.compiler.disable  # its backward runs C++ bags: torch.compile leaves it eager
 def _half_topk(query, keys, knn: int):
-    return _HalfTopk.apply(query, keys, knn)
+    """``_HalfTopk`` for ``query``'s device. With the dense backward, torch.compile traces the
+    scores, the top-k, the candidate merge and their backward into one graph; the CPU's bags
+    call C++ passes Dynamo cannot trace, so there it stays eager (a graph break)."""
+    if dense_backward(query.device):
+        return _HalfTopk.apply(query, keys, knn)
+    return _eager_half_topk(query, keys, knn)
+
+
+_eager_half_topk = torch.compiler.disable(_HalfTopk.apply)
 
 
 def candidate_pairs(knn: int) -> torch.Tensor:
