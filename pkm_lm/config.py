@@ -249,10 +249,20 @@ class LoggerConfig:
         check_choice("logger.mode", self.mode, ("offline", "online", "disabled"))
 
 
-# Settings a resumed run must keep: they decide what it trains. Intervals, max_steps, precision,
-# device, logger and data.dir may change between a run and its resumption, and so may the
-# memory kernel (the torch and Triton paths compute the same numbers).
-_RESUME_FIXED = ("model.", "data.seq_len", "data.shuffle", "train.batch_size", "train.seed")
+# Settings a resumed run must keep: they decide what it trains (the model, the sequences of each
+# step, the layout of the values' optimizer state). Every other setting may change when a run
+# resumes (docs/training.md, "Resuming with changed settings"): max_steps, the intervals,
+# precision, device, micro-batch size, logger, data.dir, the optim hyper-parameters (the new
+# ones apply from the resumed step on) and the memory kernel (the torch and Triton paths compute
+# the same numbers).
+_RESUME_FIXED = (
+    "model.",
+    "data.seq_len",
+    "data.shuffle",
+    "train.batch_size",
+    "train.seed",
+    "optim.value_optimizer",
+)
 _RESUME_FREE = ("model.memory.kernel",)
 
 
@@ -294,24 +304,28 @@ class TrainConfig:
             "or use optim.value_optimizer=lazy_adam",
         )
 
-    def check_resumable(self, saved: dict, source: str) -> None:
+    def check_resumable(self, saved: dict, source: str) -> list[str]:
         """Refuse to resume ``source``, trained under ``saved`` (a config as plain containers),
-        with settings that change what it trains."""
+        with settings that change what it trains; return the settings that changed and may
+        ("key: old -> new")."""
         now = flatten(OmegaConf.to_container(OmegaConf.structured(self)))
         # A setting the run's code did not have yet (absent from `saved`) kept its default then.
-        changed = [
-            f"{key}: {value!r} -> {now[key]!r}"
+        changed = {
+            key: f"{key}: {value!r} -> {now[key]!r}"
             for key, value in flatten(saved).items()
-            if key.startswith(_RESUME_FIXED)
-            and key not in _RESUME_FREE
-            and key in now
-            and value != now[key]
+            if key in now and value != now[key] and key != "run_dir"  # (where, not what)
+        }
+        fixed = [
+            change
+            for key, change in changed.items()
+            if key.startswith(_RESUME_FIXED) and key not in _RESUME_FREE
         ]
-        if changed:
+        if fixed:
             raise ConfigError(
                 f"cannot resume {source}: it was trained with other settings "
-                f"({'; '.join(changed)}); use another run_dir or the original settings"
+                f"({'; '.join(fixed)}); use another run_dir or the original settings"
             )
+        return [change for change in changed.values() if change not in fixed]
 
 
 VALUE_DTYPES = ("float32", "bfloat16")  # dtypes of the value tables at inference

@@ -52,6 +52,18 @@ class Optimizers:
         if self.values is not None:
             self.values.load_state_dict(sd["values"])
 
+    def apply_settings(self, cfg: OptimConfig) -> None:
+        """Give restored optimisers the hyper-parameters of ``cfg`` (a loaded state carries the
+        old ones): lr, betas and eps from the current step on; the moments and the step count
+        stay. The network's lr is the schedule's at this step (warmup_steps may change too)."""
+        self.schedule.base_lrs = [cfg.lr] * len(self.base.param_groups)
+        for group, lr_lambda in zip(self.base.param_groups, self.schedule.lr_lambdas, strict=True):
+            group.update(initial_lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+            group["lr"] = cfg.lr * lr_lambda(self.schedule.last_epoch)
+        self.schedule._last_lr = [group["lr"] for group in self.base.param_groups]
+        for group in self.values.param_groups if self.values is not None else []:
+            group.update(lr=cfg.value_lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
 
 def build_optimizers(model: nn.Module, values: list[nn.Parameter], cfg: OptimConfig) -> Optimizers:
     """Split ``model``'s parameters into the value tables (``values``) and the rest."""

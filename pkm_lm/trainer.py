@@ -164,9 +164,12 @@ class Trainer:
             return
         # On the CPU: RNG states must stay there; load_state_dict moves the rest to the device.
         state = load_checkpoint(path, mmap=self.env.device.type != "cpu")
-        self.cfg.check_resumable(state["config"], str(path))
+        changes = self.cfg.check_resumable(state["config"], str(path))
         for key, part in self._stateful().items():
+            if key == "scaler" and not state[key]:
+                continue  # trained without fp16 (a disabled scaler saves {}): a fresh scale
             part.load_state_dict(state[key])
+        self.optim.apply_settings(self.cfg.optim)  # changed optim.* overrides apply from here
         self.progress.load_state_dict(state)
         if len(state["rng"]) == self.env.world_size:
             _set_rng_state(state["rng"][self.env.rank], self.env.device)
@@ -175,6 +178,8 @@ class Trainer:
             torch.manual_seed(self.cfg.train.seed + self.env.rank + 1_000_003 * step)
         if self.env.is_main:
             print(f"resumed from {path} (step {self.progress.step})", flush=True)
+            for change in changes:
+                print(f"  changed on resume: {change}", flush=True)
 
     def _save(self) -> None:
         rng = all_gather_objects(_rng_state(self.env.device))
