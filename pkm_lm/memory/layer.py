@@ -128,7 +128,8 @@ class ProductKeyMemory(nn.Module):
 
         Scores are computed in fp32 (or the parameters' wider dtype) whatever the autocast
         dtype: bf16 keeps 8 mantissa bits, enough to swap near-tied slots at the top-k
-        boundary and to round the softmax inputs. TF32 matmuls stay allowed on GPUs.
+        boundary and to round the softmax inputs. Matmuls follow torch's TF32 setting (off by
+        default; on, it rounds these scores too).
         """
         keys = self.sub_keys if self.config.keys == "product" else self.keys
         dtype = torch.promote_types(keys.dtype, torch.float32)
