@@ -26,9 +26,13 @@ from pkm_lm.data.loader import open_split
 
 
 @torch.no_grad()
-def future_leak(model: nn.Module, tokens: torch.Tensor, t: int, training: bool) -> float:
-    """max |log p(. | tokens) - log p(. | tokens with every position after t replaced)| over the
-    positions <= t, the vocabulary and the batch; ``tokens`` (B, T). 0.0 for a causal model.
+def future_leak(
+    model: nn.Module, tokens: torch.Tensor, t: int, training: bool
+) -> tuple[float, float]:
+    """How much log p(. | tokens) at the positions <= t moves when every token after t is
+    replaced; ``tokens`` (B, T). (the largest change over those positions, the vocabulary and the
+    batch; the mean change of the next token's log-probability at positions < t, whose next token
+    is unchanged): (0.0, 0.0) for a causal model.
 
     The model runs in training mode (``training``) or evaluation mode, on copies of its buffers
     (BatchNorm's running statistics stay as they were); both passes draw the same dropout masks.
@@ -47,7 +51,9 @@ def future_leak(model: nn.Module, tokens: torch.Tensor, t: int, training: bool) 
     model.train(was_training)
     for buffer, saved in buffers:
         buffer.copy_(saved)
-    return (outputs[0] - outputs[1]).abs().max().item()
+    change = (outputs[0] - outputs[1]).abs()  # (B, t + 1, vocab)
+    next_token = change[:, :t].gather(-1, tokens[:, 1 : t + 1, None])
+    return change.max().item(), next_token.mean().item() if t else 0.0
 
 
 def measure(run_dir: str | Path) -> dict:
@@ -68,20 +74,26 @@ def measure(run_dir: str | Path) -> dict:
     }
 
 
+def _cell(leak: tuple[float, float]) -> str:
+    return f"{leak[0]:.3g} / {leak[1]:.3g}"
+
+
 def report(rows: list[dict]) -> str:
     lines = [
         "# Future leak of the query norm",
         "",
-        "Largest change of a log-probability (nats) at positions <= t when every token after",
-        "t = seq_len / 2 is replaced, over a test batch the size of a training batch: 0 for a",
+        "How much the log-probabilities at positions <= t move (nats) when every token after",
+        "t = seq_len / 2 is replaced, on a test batch the size of a training batch: the largest",
+        "change over the positions, the vocabulary and the batch / the mean change of the next",
+        "token's log-probability at positions < t (whose next token is unchanged). 0 / 0 for a",
         "causal model. Written by `python -m pkm_lm.causality RUN_DIR ...`.",
         "",
         "| run | query norm | step | batch | training mode | evaluation mode |",
         "|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {r['run']} | {r['query_norm']} | {r['step']} | {r['batch']} | {r['train']:.3g} "
-        f"| {r['eval']:.3g} |"
+        f"| {r['run']} | {r['query_norm']} | {r['step']} | {r['batch']} | {_cell(r['train'])} "
+        f"| {_cell(r['eval'])} |"
         for r in rows
     ]
     return "\n".join(lines) + "\n"
