@@ -253,6 +253,52 @@ def lazy_adam(args, device) -> None:
         print(f"| {name} | {cell(t)} | {moved / t[0] / 1e9:.0f} |")
 
 
+def value_step(args, device) -> None:
+    """The values' optimizer step by table size, for the gradient rule of docs/memory.md:
+    LazyAdam on the row-sparse gradient of one step's reads against torch's fused Adam on the
+    dense gradient (both over a table of n_keys/2, n_keys and 2 n_keys squared slots)."""
+    reads, v = args.tokens * args.heads * args.knn, args.v_dim
+    print(
+        f"\nvalues' optimizer step, fp32 tables x {v}, {reads} reads a step (tokens x heads x knn)"
+    )
+    print("| slots | rows touched | LazyAdam, sparse | fused Adam, dense | sparse / dense |")
+    print("|---|---|---|---|---|")
+    for n_keys in (max(args.n_keys // 2, 2), args.n_keys, args.n_keys * 2):
+        slots = n_keys**2
+        gen = torch.Generator(device=device).manual_seed(n_keys)
+        rows = torch.randint(0, slots, (reads,), device=device, generator=gen).unique()
+        grads = torch.randn(rows.numel(), v, device=device, generator=gen)
+        sparse = torch.sparse_coo_tensor(rows[None], grads, (slots, v), is_coalesced=True)
+        dense = sparse.to_dense()
+        start = torch.randn(slots, v, device=device, generator=gen)
+        lazy_p, dense_p = torch.nn.Parameter(start), torch.nn.Parameter(start.clone())
+        lazy_opt = LazyAdam([lazy_p], lr=1e-3)
+        dense_opt = torch.optim.Adam([dense_p], lr=1e-3, fused=True)
+
+        def stepper(p, opt, grad):
+            def fn():
+                p.grad = grad
+                opt.step()
+
+            return fn
+
+        fns = {
+            "lazy": stepper(lazy_p, lazy_opt, sparse),
+            "dense": stepper(dense_p, dense_opt, dense),
+        }
+        t = time_variants(fns, args)
+        ratio = (
+            "-"
+            if isinstance(t["lazy"], str) or isinstance(t["dense"], str)
+            else (f"{t['lazy'][0] / t['dense'][0]:.2f}x")
+        )
+        print(f"| {n_keys}^2 | {rows.numel() / slots:.0%} | {cell(t['lazy'])} | "
+              f"{cell(t['dense'])} | {ratio} |")  # fmt: skip
+        del lazy_opt, dense_opt, lazy_p, dense_p, dense, start
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=8192)
@@ -284,6 +330,7 @@ def main() -> None:
     sections = [(f"value read {d}", functools.partial(value_read, args, device, d)) for d in DTYPES]
     sections.append(("sub-key backward", functools.partial(sub_key_backward, args, device)))
     sections.append(("LazyAdam", functools.partial(lazy_adam, args, device)))
+    sections.append(("values' optimizer step", functools.partial(value_step, args, device)))
     for autocast in (None, "bf16"):
         sections.append((f"layer {autocast}", functools.partial(layer, args, device, autocast)))
     failed = []

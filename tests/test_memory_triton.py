@@ -198,3 +198,4 @@ def test_kernel_benchmark_runs_and_checks_its_variants():
     ):
         assert row in out
     assert out.count("ratio to torch") == 2
+    assert "| LazyAdam, sparse | fused Adam, dense | sparse / dense |" in out
