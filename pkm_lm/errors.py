@@ -12,7 +12,9 @@ invalid: must be an integer in [1, model.memory.n_keys=128]``.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Iterable, Sequence
+from types import ModuleType
 from typing import Any
 
 
@@ -71,3 +73,14 @@ def check_positive(key: str, value: Any) -> None:
 def check_probability(key: str, value: Any) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value < 1.0
     require(ok, key, value, "must be a probability in [0, 1)")
+
+
+def import_extra(module: str, purpose: str, extra: str = "data") -> ModuleType:
+    """``module``, imported; where it is missing, an error naming the extra that installs it
+    (the layer and the trainer need none of the text-processing packages)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise NotInstalledError(
+            f"{purpose} needs the {module} package: pip install 'pkm-lm[{extra}]'"
+        ) from err

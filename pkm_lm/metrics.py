@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from pkm_lm.errors import NotInstalledError
 from pkm_lm.memory import MemoryStats
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_ID_FILE = "wandb_run_id"
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -107,12 +109,18 @@ class MetricLogger:
                 raise NotInstalledError(
                     "logger=wandb needs the wandb package: pip install 'pkm-lm[wandb]'"
                 ) from e
+            # One wandb run per run directory: a resumed training continues it (its id is kept
+            # in the run directory; offline runs sync into the same run).
+            id_file = Path(run_dir) / WANDB_ID_FILE
+            run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:16]
+            atomic_write_text(id_file, run_id + "\n")
             self.wandb_run = wandb.init(
                 project=project,
                 mode=mode,
                 config=config,
                 dir=str(run_dir),
                 name=Path(run_dir).name,
+                id=run_id,
                 resume="allow",
             )
 

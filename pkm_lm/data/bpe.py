@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pkm_lm.atomic import atomic_write_bytes
-from pkm_lm.errors import DataError, NotFoundError, invalid
+from pkm_lm.errors import DataError, NotFoundError, import_extra, invalid
 
 BPE_SUFFIX = "@@"
 
@@ -126,7 +126,7 @@ class BPEApplier:
         vocab_path: str | os.PathLike | None = None,
         cache_words: int = 1 << 19,
     ):
-        import fastBPE  # C extension, imported where used
+        fastBPE = import_extra("fastBPE", "applying BPE codes")  # C extension, where used
 
         check_readable(codes_path, "BPE codes file")
         if vocab_path is not None:

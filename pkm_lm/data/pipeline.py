@@ -28,6 +28,7 @@ from pkm_lm.errors import (
     NotFoundError,
     check_choice,
     check_positive,
+    import_extra,
     invalid,
     require,
 )
@@ -125,8 +126,7 @@ class _Encode:
             itos = list(SPECIAL) + bpe.read_vocab(self.files["vocab"])
             self._stoi = {t: i for i, t in enumerate(itos)}
         else:
-            import sentencepiece as spm
-
+            spm = import_extra("sentencepiece", "tokenizer=sentencepiece")
             self._sp = spm.SentencePieceProcessor(model_file=self.files["model"])
 
     def __call__(self, chunk: Chunk) -> tuple[np.ndarray, int]:
@@ -280,7 +280,7 @@ class Preprocessor:
         return [vocab], {"bytes": src.stat().st_size, "tokens": len(counts)}
 
     def _train_spm(self, src: Path, model: Path, vocab: Path) -> tuple[list[Path], dict]:
-        import sentencepiece as spm
+        spm = import_extra("sentencepiece", "tokenizer=sentencepiece")
 
         sp = self.cfg.sentencepiece
         spm.set_random_generator_seed(sp.seed)

@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from pkm_lm.errors import NotFoundError
+from pkm_lm.errors import NotFoundError, import_extra
 
 from . import moses
 from .bpe import BPEApplier, join_bpe, read_vocab
@@ -128,7 +128,7 @@ class Vocabulary:
 
 
 def _sentencepiece(model_path: Path):
-    import sentencepiece as spm
+    spm = import_extra("sentencepiece", "a sentencepiece vocabulary")
 
     if not Path(model_path).is_file():
         raise NotFoundError(f"sentencepiece model {model_path} does not exist")
