@@ -8,7 +8,7 @@ if [[ -z "${PYTHON:-}" ]]; then
   if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python3; fi
 fi
 if ! command -v "$PYTHON" >/dev/null 2>&1; then
-  echo "gpu-check: PYTHON=$PYTHON is not an executable Python" >&2
+  echo "error: PYTHON=$PYTHON is not an executable Python" >&2
   exit 2
 fi
-exec "$PYTHON" scripts/gpu_check.py "$@"
+exec "$PYTHON" -m pkm_lm.gpucheck "$@"

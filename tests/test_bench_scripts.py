@@ -68,7 +68,7 @@ def test_every_benchmark_prints_the_shared_description(script):
 def test_bench_train_tiny_run_prints_and_records_both_precisions(tmp_path, capsys):
     """The flags' three models at toy sizes through the trainer's step, fp32 and bf16."""
     train_speed.main(
-        "--dim 16 --heads 2 --layers 1 --n-keys 32 --vocab 50 --batch 2 --seq-len 8 --steps 1 "
+        "--dim 16 --heads 2 --layers 1 --n-keys 32 --vocab 50 --batch 2 --seq-len 8 --steps 2 "
         f"--warmup 1 --nproc 1 --precision fp32 bf16 --out {tmp_path}".split()
     )
     out = capsys.readouterr().out
@@ -101,7 +101,7 @@ def test_bench_train_paper_preset_composes_the_paper_experiments():
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--steps", "0"], "error: --steps=0: must be >= 1"),
+        (["--steps", "1"], "error: --steps=1: must be >= 2 (the spread needs two)"),
         (["--override", "train.compile=true"], "error: --override applies to --experiments"),
         (["--device", "cuda", "--nproc", "1", "2"], "error: --nproc > 1 runs gloo processes"),
     ],

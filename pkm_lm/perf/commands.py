@@ -118,8 +118,11 @@ def roofline_main(argv: list[str] | None = None) -> None:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             p.error(f"--{flag.replace('_', '-')}={value}: must be > 0")
-    if args.time < 0 or (args.time and (args.forward_ms or args.step_ms)):
-        p.error(f"--time={args.time}: a count >= 0, and not with --forward-ms/--step-ms")
+    if args.time == 1 or args.time < 0 or (args.time and (args.forward_ms or args.step_ms)):
+        p.error(
+            f"--time={args.time}: 0 or a count >= 2 (the spread needs two), and not with "
+            "--forward-ms/--step-ms"
+        )
     device = layer_args.check_device(args, p)
     shapes = layer_args.layer_shapes(args, p)
     shapes = dataclasses.replace(shapes, gather=args.gather, matmul=args.matmul)

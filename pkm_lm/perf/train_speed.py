@@ -308,9 +308,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         for key, value in PAPER.items():
             if key not in given:
                 setattr(args, key, value)
-    for key in ("steps", "batch", "seq_len", "vocab", "threads"):
+    for key in ("batch", "seq_len", "vocab", "threads"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')}={getattr(args, key)}: must be >= 1")
+    if args.steps < 2:
+        p.error(f"--steps={args.steps}: must be >= 2 (the spread needs two)")
     if args.warmup < 1:
         p.error(f"--warmup={args.warmup}: must be >= 1 (the optimizer state is made there)")
     if args.override and not args.experiments:
