@@ -74,7 +74,7 @@ def test_bench_train_tiny_run_prints_and_records_both_precisions(tmp_path, capsy
     out = capsys.readouterr().out
     assert "### fp32" in out and "### bf16" in out and "| 2 layers | " in out
     assert re.search(r"/ 1 layers, training \(bf16\): [\d.]+x \(spread \d+%\), target >= 0.8x", out)
-    assert (tmp_path / "bench_train.md").read_text().strip() == out.strip()
+    assert (tmp_path / "bench_train.md").read_text().endswith(out.strip() + "\n")
     (rec,) = read_records(tmp_path / "bench_train.jsonl")
     assert rec["command"].endswith("--out " + str(tmp_path)) and rec["machine"].startswith("CPU")
     for precision in ("fp32", "bf16"):

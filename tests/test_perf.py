@@ -14,7 +14,7 @@ from pkm_lm.perf import commands, profile
 from pkm_lm.perf.devices import Peaks, device_peaks, known_peaks
 from pkm_lm.perf.layer_args import PRESETS
 from pkm_lm.perf.layer_step import build_step, parse_overrides
-from pkm_lm.perf.records import append_record, read_records, record
+from pkm_lm.perf.records import append_record, read_records, record, save
 from pkm_lm.perf.roofline import LayerShapes, roofline, table
 from pkm_lm.perf.targets import Target, faster_than
 
@@ -115,6 +115,14 @@ def test_records_append_as_json_lines(tmp_path):
     assert recs[0]["time_utc"].endswith("Z")
 
 
+def test_save_keeps_every_runs_table(tmp_path):
+    save(tmp_path, "bench", "| a |\n", record("m", {}, argv=["x.py", "--one"]))
+    save(tmp_path, "bench", "| b |\n", record("m", {}, argv=["x.py", "--two"]))
+    md = (tmp_path / "bench.md").read_text()
+    assert md.index("x.py --one\n\n| a |\n") < md.index("x.py --two\n\n| b |\n")
+    assert len(read_records(tmp_path / "bench.jsonl")) == 2
+
+
 def test_memory_overrides_are_typed():
     assert parse_overrides(["sparse_grad=true", "knn=8", "kernel=torch", "v_dim=null"]) == {
         "sparse_grad": True, "knn": 8, "kernel": "torch", "v_dim": None,
@@ -173,7 +181,7 @@ def test_profile_command_writes_its_table_and_record(tmp_path, capsys):
                            "--out", str(tmp_path)])  # fmt: skip
     out = capsys.readouterr().out
     assert "### training step" in out and "| select backward |" in out
-    assert (tmp_path / "profile.md").read_text().strip() == out.strip()
+    assert (tmp_path / "profile.md").read_text().endswith(out.strip() + "\n")
     (rec,) = read_records(tmp_path / "profile.jsonl")
     assert rec["machine"].startswith("CPU ") and "--preset toy" in rec["command"]
     assert rec["figures"]["training step"]["regions"]["optimizer"]["ops"] > 0

@@ -50,10 +50,13 @@ def read_records(path: str | os.PathLike) -> list[dict]:
 
 
 def save(out: str | os.PathLike, stem: str, table: str, rec: dict) -> None:
-    """``out/<stem>.md`` gets the printed table, ``out/<stem>.jsonl`` one more record."""
+    """Append the printed table, under its command, to ``out/<stem>.md`` and the record to
+    ``out/<stem>.jsonl``: several runs into one folder keep every table."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / f"{stem}.md", table.rstrip("\n") + "\n")
+    md = out / f"{stem}.md"
+    old = md.read_text() + "\n" if md.exists() else ""
+    atomic_write_text(md, f"{old}$ {rec['command']}\n\n{table.strip()}\n")
     append_record(out / f"{stem}.jsonl", rec)
 
 
