@@ -160,31 +160,41 @@ def test_dropout_only_in_training():
     assert not torch.allclose(mem(x), mem(x))
 
 
-@pytest.mark.parametrize(
-    "dtype,tol,min_agree", [(torch.bfloat16, 2e-2, 0.75), (torch.float16, 3e-3, 0.9)]
-)
-def test_autocast_runs_and_matches_fp32(dtype, tol, min_agree):
-    mem = make(n_keys=32, heads=4, knn=8, k_dim=32, dim=64, dtype=torch.float32)
+AUTOCAST_TOL = [(torch.bfloat16, 2e-2, 0.75), (torch.float16, 3e-3, 0.9)]
+
+
+def assert_autocast_matches_fp32(mem, x, device: str, dtype, tol: float, min_agree: float):
+    """``mem`` under autocast on ``device`` against itself in fp32 on the CPU: low-precision
+    scores may swap near-tied slots at the top-k boundary, so most selections agree, and where
+    a whole row's selection agrees, scores and output match to the dtype's rounding. Then a
+    training step's gradients are finite."""
     mem.eval()
-    x = torch.randn(64, 64)
     ref_scores, ref_idx = mem.select(mem.query(x))
     ref = mem(x)
-    with torch.autocast("cpu", dtype=dtype):
+    mem, x = mem.to(device), x.to(device)
+    with torch.autocast(device, dtype=dtype):
         scores, idx = mem.select(mem.query(x))
         out = mem(x)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
-    # Low-precision scores may swap near-tied slots at the top-k boundary: most selections
-    # agree, and where a whole row's selection agrees, scores and output match to rounding.
+    scores, idx, out = scores.cpu(), idx.cpu(), out.cpu()
     agree = (idx.sort(-1).values == ref_idx.sort(-1).values).all(-1)  # (N, H)
     assert agree.float().mean() >= min_agree, agree.float().mean()
     torch.testing.assert_close(scores.float()[agree], ref_scores[agree], rtol=tol, atol=tol)
     rows = agree.all(-1)
-    assert rows.any()
+    assert rows.float().mean() >= min_agree**mem.config.heads / 2, rows.float().mean()
     torch.testing.assert_close(out[rows], ref[rows], rtol=tol, atol=tol)
     mem.train()
-    with torch.autocast("cpu", dtype=dtype):
+    with torch.autocast(device, dtype=dtype):
         mem(x).float().pow(2).mean().backward()
-    assert all(torch.isfinite(p.grad).all() for p in mem.parameters() if p.grad is not None)
+    assert all(
+        torch.isfinite(p.grad.to_dense()).all() for p in mem.parameters() if p.grad is not None
+    )
+
+
+@pytest.mark.parametrize("dtype,tol,min_agree", AUTOCAST_TOL)
+def test_autocast_runs_and_matches_fp32(dtype, tol, min_agree):
+    mem = make(n_keys=32, heads=4, knn=8, k_dim=32, dim=64, dtype=torch.float32)
+    assert_autocast_matches_fp32(mem, torch.randn(64, 64), "cpu", dtype, tol, min_agree)
 
 
 @pytest.mark.parametrize("keys", ["product", "flat"])
@@ -214,19 +224,8 @@ def test_autocast_selects_exactly_the_fp32_slots(keys, batchnorm):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_cuda_autocast_matches_cpu_fp32(dtype):
+@pytest.mark.parametrize("dtype,tol,min_agree", AUTOCAST_TOL)
+def test_cuda_autocast_matches_cpu_fp32(dtype, tol, min_agree):
     mem = make(n_keys=64, heads=4, knn=16, k_dim=64, dim=128, dtype=torch.float32, sparse_grad=True)
-    mem.eval()
-    x = torch.randn(256, 128)
-    ref = mem(x)
-    gpu = mem.cuda()
-    with torch.autocast("cuda", dtype=dtype):
-        out = gpu(x.cuda())
-    rel = ((out.float().cpu() - ref).norm() / ref.norm()).item()
-    assert rel < 0.1, rel  # a few near-tied slots may swap at the top-k boundary
-    gpu.train()
-    with torch.autocast("cuda", dtype=dtype):
-        gpu(x.cuda()).float().pow(2).mean().backward()
-    assert gpu.values.weight.grad.is_sparse
-    assert all(torch.isfinite(p.grad.to_dense()).all() for p in gpu.parameters())
+    assert_autocast_matches_fp32(mem, torch.randn(256, 128), "cuda", dtype, tol, min_agree)
+    assert mem.values.weight.grad.is_sparse

@@ -91,12 +91,24 @@ def test_causal_and_shapes(norm, position):
 
 
 def test_output_is_tied_to_token_embedding():
-    model = build_model(tiny(layers=[2]))
+    """Token 7 is not in the input: its embedding row reaches the logits only as the output
+    projection's row 7, so changing it changes logit 7 alone, and its gradient is that of the
+    output projection."""
+    model = build_model(tiny(layers=[2])).eval()
     names = [n for n, _ in model.named_parameters()]
     assert not any("head" in n for n in names)
-    model.tok_emb.weight.grad = None
-    model(torch.randint(0, 50, (1, 4))).sum().backward()
-    assert model.tok_emb.weight.grad is not None
+    idx = torch.tensor([[1, 2, 3, 4, 5]])
+    logits = model(idx)
+    logits[..., 7].sum().backward()
+    grad = model.tok_emb.weight.grad
+    assert grad[7].abs().sum() > 0 and not grad[8:].any()  # rows of absent tokens: row 7 only
+    with torch.no_grad():
+        model.tok_emb.weight[7] += torch.randn(32)  # (not a constant: the final norm's
+        # output sums to zero over the features, so a constant shift would leave logit 7 alone)
+        changed = model(idx)
+    assert torch.equal(changed[..., :7], logits[..., :7].detach())
+    assert torch.equal(changed[..., 8:], logits[..., 8:].detach())
+    assert not torch.allclose(changed[..., 7], logits[..., 7].detach(), atol=1e-3)
 
 
 def test_value_parameters_get_sparse_gradients():

@@ -222,13 +222,19 @@ def test_wandb_logger_without_wandb_says_how_to_install(tmp_path, monkeypatch):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("precision", ["fp16", "bf16"])
 def test_cuda_mixed_precision_training_matches_fp32_closely(ids_data, tmp_path, precision):
+    """Past warmup at a high lr, so the loss falls by far more than the tolerance (on CPU this
+    config falls ~0.75 nats in 8 steps, bf16 within 0.01 of fp32)."""
     data_dir = ids_data  # token ids: GPU nodes often lack fastBPE
-    common = ["train.max_steps=5", "train.log_interval=1", "train.eval_interval=5",
-              "model.dropout=0", "model.attn_dropout=0"]  # fmt: skip
+    common = ["train.max_steps=8", "train.log_interval=1", "train.eval_interval=8",
+              "model.dropout=0", "model.attn_dropout=0", "optim.lr=3e-3",
+              "optim.warmup_steps=1"]  # fmt: skip
     train(*tiny_args(data_dir, tmp_path / "fp32", *common, device="cuda"))
     mixed = tmp_path / precision
     train(*tiny_args(data_dir, mixed, f"train.precision={precision}", *common, device="cuda"))
+    assert [r["skipped_steps"] for r in read_metrics(mixed) if r["kind"] == "train"] == [0] * 8
     full, mixed = train_losses(tmp_path / "fp32"), train_losses(tmp_path / precision)
-    assert len(full) == len(mixed) == 5
+    assert [s for s, _ in full] == [s for s, _ in mixed] == list(range(1, 9))
+    for losses in (full, mixed):
+        assert losses[0][1] - losses[-1][1] > 0.4, losses  # steps were taken: the loss fell
     for (_, a), (_, b) in zip(full, mixed, strict=True):
-        assert b == pytest.approx(a, rel=2e-2)
+        assert b == pytest.approx(a, abs=0.05)

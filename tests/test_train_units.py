@@ -111,6 +111,8 @@ def tiny_trainer(precision: str) -> Trainer:
     cfg = TrainConfig(
         data=DataConfig(seq_len=8),
         model=ModelConfig(n_layers=2, dim=16, n_heads=2, vocab_size=20),
+        # No warmup: a step moves every parameter by ~lr, so "nothing moved" means something.
+        optim=OptimConfig(warmup_steps=0),
         train=TrainLoopConfig(batch_size=4, micro_batch_size=2, precision=precision, device="cpu"),
     )
     cfg.model.memory.layers, cfg.model.memory.n_keys, cfg.model.memory.k_dim = [1], 4, 8
@@ -122,13 +124,17 @@ def tiny_trainer(precision: str) -> Trainer:
 def test_train_step_returns_its_numbers_and_skips_non_finite_gradients(precision):
     trainer = tiny_trainer(precision)
     batch = torch.randint(0, 20, (4, 9))
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     result = trainer.train_step(batch)
     assert not result.skipped and torch.isfinite(result.grad_norm)
-    assert result.loss.dtype == torch.float64 and result.lr > 0
+    assert result.loss.dtype == torch.float64 and result.lr == trainer.cfg.optim.lr
+    moved = [n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])]
+    assert "tok_emb.weight" in moved and any("values" in n for n in moved)
     with torch.no_grad():
         trainer.model.pos_emb.weight[0, 0] = float("nan")
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     result = trainer.train_step(batch)
     assert result.skipped
-    for name, p in trainer.model.named_parameters():  # no optimiser moved anything
-        assert torch.allclose(p, before[name], equal_nan=True), name
+    for name, p in trainer.model.named_parameters():  # no optimiser moved anything, bit for bit
+        assert torch.equal(p.isnan(), before[name].isnan()), name
+        assert torch.equal(p.nan_to_num(), before[name].nan_to_num()), name
