@@ -141,7 +141,8 @@ GROUPS = {
             "(not in this paper) Memory Layers at Scale (Berges et al., 2024): memories in "
             "several blocks reading one shared table, with a gated output (Memory+), beat "
             "dense models with over twice the compute. Here: 12L + 1 memory (the PKM) vs "
-            "Memory+ at 3 blocks, same table, 1.8% fewer parameters, equal tokens.",
+            "Memory+ at 3 blocks, the same table, fewer parameters (1.8% at the paper's "
+            "scale), equal tokens.",
         ),
         Group(
             "capacity",
