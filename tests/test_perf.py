@@ -79,6 +79,9 @@ def test_cpu_peaks_come_from_flags():
         device_peaks(torch.device("cpu"))
     peaks = device_peaks(torch.device("cpu"), bandwidth_gbs=20, tflops=0.5)
     assert peaks.bandwidth == 20e9 and peaks.flops("tf32") == 0.5e12 and peaks.source == "flags"
+    assert device_peaks(torch.device("cpu"), gpu="NVIDIA H200").bandwidth == 4.8e12
+    with pytest.raises(ConfigError, match="--gpu=K80: not a known GPU"):
+        device_peaks(torch.device("cpu"), gpu="K80")
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from pathlib import Path
 from .stage import OFFLINE, PAPER_VOCAB, PY, ROOT, Context
 
 Groups = list[list[list[str]]]
+COMPILE = "train.compile=true"
 
 
 def probe(*args: str) -> list[str]:
@@ -95,6 +96,11 @@ def roofline_groups(ctx: Context) -> Groups:
 def bench_train_groups(ctx: Context) -> Groups:
     """The paper's width (bf16, fp16), then dim 512 (fp32, bf16: the first GPU run's shapes)."""
     return _each(ctx, "bench_train.py", ctx.sizes.bench_train)
+
+
+def compile_groups(ctx: Context) -> Groups:
+    """The paper's width in bf16 with ``train.compile=true``: what torch.compile buys."""
+    return _each(ctx, "bench_train.py", [(*ctx.sizes.compile, "--override", COMPILE)])
 
 
 def bench_memory_groups(ctx: Context) -> Groups:

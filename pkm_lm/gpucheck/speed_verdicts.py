@@ -13,6 +13,7 @@ from pathlib import Path
 
 from pkm_lm.perf.targets import Target
 
+from .commands import COMPILE
 from .stage import Context, Result
 from .verdicts import all_ok, failed
 
@@ -38,11 +39,14 @@ def targets_in(figures) -> list[Target]:
     return found
 
 
-def judged(ctx: Context, codes: list[int], stem: str, extra=lambda recs: []) -> Result:
-    """PASS when the stage's records hold targets and all are met; WARN with the figures."""
+def judged(
+    ctx: Context, codes: list[int], stem: str, extra=lambda recs: [], only=lambda rec: True
+) -> Result:
+    """PASS when the stage's records (those ``only`` keeps) hold targets and all are met; WARN
+    with the figures."""
     if not all_ok(codes):
         return failed(codes, f"{stem} ({len(codes)} runs)")
-    recs = records(ctx.out / f"{stem}.jsonl")
+    recs = [r for r in records(ctx.out / f"{stem}.jsonl") if only(r)]
     if not recs:
         return Result("FAIL", [f"no record in {stem}.jsonl"])
     targets = [t for r in recs for t in targets_in(r["figures"])]
@@ -102,7 +106,11 @@ def roofline_verdict(ctx: Context, codes: list[int]) -> Result:
 
 
 def bench_train_verdict(ctx: Context, codes: list[int]) -> Result:
-    return judged(ctx, codes, "bench_train")
+    return judged(ctx, codes, "bench_train", only=lambda r: COMPILE not in r["command"])
+
+
+def compile_verdict(ctx: Context, codes: list[int]) -> Result:
+    return judged(ctx, codes, "bench_train", only=lambda r: COMPILE in r["command"])
 
 
 def bench_memory_verdict(ctx: Context, codes: list[int]) -> Result:

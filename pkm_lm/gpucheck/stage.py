@@ -59,6 +59,7 @@ class Sizes:
     profile: tuple[tuple[str, ...], ...] = (
         ("--preset", "dim512", "--precision", "fp32"),
         ("--preset", "dim512", "--precision", "bf16"),
+        ("--preset", "dim512", "--precision", "bf16", "--memory", "sparse_grad=true"),
         ("--preset", "paper", "--precision", "bf16"),
     )
     roofline: tuple[tuple[str, ...], ...] = (
@@ -70,6 +71,7 @@ class Sizes:
         ("--device", "cuda", "--seq-len", "256", "--batch", "32", "--steps", "20", "--warmup",
          "5", "--nproc", "1", "--precision", "fp32", "bf16"),
     )  # fmt: skip
+    compile: tuple[str, ...] = ("--preset", "paper", "--precision", "bf16")
     bench_memory: tuple[str, ...] = (
         "--device", "cuda", "--batch", "32", "--sizes", "128", "256", "512", "1024",
         "--rounds", "3", "--no-peak",
@@ -95,6 +97,9 @@ TOY = Sizes(
     bench_train=(("--experiments", "tiny/12L_0mem", "tiny/12L_1mem", "tiny/24L_0mem",
                   "--device", "cpu", "--vocab", "100", "--seq-len", "16", "--batch", "2",
                   "--steps", "2", "--warmup", "1", "--nproc", "1", "--precision", "bf16"),),
+    compile=("--experiments", "tiny/12L_0mem", "tiny/12L_1mem", "tiny/24L_0mem", "--device",
+             "cpu", "--vocab", "100", "--seq-len", "16", "--batch", "2", "--steps", "2",
+             "--warmup", "1", "--nproc", "1", "--precision", "bf16"),
     bench_memory=("--device", "cpu", "--batch", "1", "--sizes", "32", "--rounds", "2",
                   "--no-peak", "--no-steps", "--variants", "default"),
     pytest=("--collect-only", "-q"),

@@ -47,6 +47,10 @@ STAGES = [
     Stage("paper", "12L_1mem paper-width step", 90, "paper.log",
           "the real trainer runs 12L_1mem steps; ms/step and peak GPU memory",
           c.paper_groups, v.paper_verdict),
+    Stage("compile", "bench_train.py with train.compile=true", 180, "bench.log",
+          "the paper's width in bf16 with torch.compile: the same targets (compare with "
+          "bench-train to choose train.compile's default)",
+          c.compile_groups, sv.compile_verdict, optional=True),
     Stage("repro", "reproduction headline (GPU scale)", 240, "repro.log",
           "scripts/sweep.sh headline --scale gpu writes its table; its wall time",
           c.repro_groups, sv.repro_verdict, optional=True, missing=c.repro_missing),

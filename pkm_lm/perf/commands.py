@@ -35,9 +35,10 @@ real shapes), beside its measured forward and training step when given or timed.
 
     python scripts/roofline.py --preset dim512 --device cuda --time 20 --measure-peaks
     python scripts/roofline.py --preset paper --gather bf16 --matmul tf32     # floors only
+    python scripts/roofline.py --gpu H200 --preset paper                      # on any machine
     python scripts/roofline.py --device cpu --bandwidth 20 --tflops 0.5 --step-ms 900
 
-The peaks come from a table of known GPUs (the device's name), or --bandwidth (GB/s) and
+The peaks come from a table of known GPUs (the device's name, or --gpu), or --bandwidth (GB/s) and
 --tflops (TFLOP/s); --measure-peaks adds a second table against what this device reaches
 (a 1 GiB copy, an 8192^3 matmul). The verdict lines hold the measured times to --target x the
 datasheet floor (met only beyond the measured spread). ``--out DIR`` writes roofline.md and
@@ -104,6 +105,7 @@ def roofline_main(argv: list[str] | None = None) -> None:
     p.add_argument("--gather", choices=["fp32", "bf16"], help="table copy the forward reads")
     p.add_argument("--matmul", choices=["fp32", "tf32", "bf16"], default="fp32",
                    help="precision of the query and score matmuls (fp32: TF32 off)")  # fmt: skip
+    p.add_argument("--gpu", help="the peaks of this known GPU (e.g. H200), without one here")
     p.add_argument("--bandwidth", type=float, help="GB/s (overrides the table)")
     p.add_argument("--tflops", type=float, help="TFLOP/s of every matmul precision")
     p.add_argument("--measure-peaks", action="store_true", help="also against measured peaks")
@@ -126,7 +128,7 @@ def roofline_main(argv: list[str] | None = None) -> None:
     device = layer_args.check_device(args, p)
     shapes = layer_args.layer_shapes(args, p)
     shapes = dataclasses.replace(shapes, gather=args.gather, matmul=args.matmul)
-    peaks = device_peaks(device, args.bandwidth, args.tflops)
+    peaks = device_peaks(device, args.bandwidth, args.tflops, args.gpu)
     overrides = parse_overrides(args.memory)
 
     measured, spreads, timings = {}, {}, {}

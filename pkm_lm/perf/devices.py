@@ -66,11 +66,17 @@ def device_peaks(
     device: torch.device,
     bandwidth_gbs: float | None = None,
     tflops: float | None = None,
+    gpu: str | None = None,
 ) -> Peaks:
-    """The table's peaks for a CUDA device, with ``bandwidth_gbs`` (GB/s) and ``tflops`` (every
-    matmul precision, TFLOP/s) overriding them; a CPU or an unknown GPU needs both flags."""
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    peaks = known_peaks(name) if device.type == "cuda" else None
+    """The table's peaks for a CUDA device (or for the GPU named ``gpu``, to compute floors
+    without one), with ``bandwidth_gbs`` (GB/s) and ``tflops`` (every matmul precision,
+    TFLOP/s) overriding them; a CPU or an unknown GPU needs both flags."""
+    name = gpu or (torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU")
+    peaks = known_peaks(name) if gpu or device.type == "cuda" else None
+    if gpu and peaks is None:
+        raise ConfigError(
+            f"--gpu={gpu}: not a known GPU; one of {', '.join(p.name for _, p in KNOWN_GPUS)}"
+        )
     if peaks is None:
         if bandwidth_gbs is None or tflops is None:
             raise ConfigError(
