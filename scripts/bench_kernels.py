@@ -25,6 +25,8 @@ import traceback
 import torch
 from torch.utils import benchmark
 
+from pkm_lm import cli
+from pkm_lm.errors import NotFoundError
 from pkm_lm.memory import LazyAdam, MemoryConfig, ProductKeyMemory
 from pkm_lm.memory.select import bag_score_gradients, dense_score_gradients
 from pkm_lm.memory.values import value_bag
@@ -299,6 +301,7 @@ def value_step(args, device) -> None:
             torch.cuda.empty_cache()
 
 
+@cli.main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=8192)
@@ -318,7 +321,7 @@ def main() -> None:
     elif triton_bag.INTERPRETED:
         device, note = torch.device("cpu"), "; Triton interpreter on the CPU (timings meaningless)"
     else:
-        raise SystemExit(
+        raise NotFoundError(
             "bench_kernels.py needs a CUDA device (or TRITON_INTERPRET=1 for a smoke run)"
         )
     import triton

@@ -9,6 +9,8 @@ what that Python lacks with ``pip install --no-index``. The pins are requirement
 (antlr4-python3-runtime 4.9.3) is built into a wheel here and must come out pure Python.
 At the end every wheel's dependencies are checked against the wheelhouse (torch excepted; without
 --all also the common packages) and the size is compared with a 64 MiB transfer budget.
+What the user can fix (a bad option, a pin pip cannot fetch, a missing dependency, the budget)
+ends with one line, ``error: ...``, and exit status 2, pip's own output above it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ from pathlib import Path
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name, parse_wheel_filename
+
+from pkm_lm import cli
+from pkm_lm.errors import ConfigError, NotFoundError, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "requirements" / "wheelhouse.txt"
@@ -45,6 +50,12 @@ def pip(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
+def pip_failed(proc: subprocess.CompletedProcess, what: str) -> NotFoundError:
+    """pip's last words on stderr, and the error that names what failed."""
+    print(proc.stderr[-2000:], file=sys.stderr)
+    return NotFoundError(f"{what} (pip's output above)")
+
+
 def fetch(req: Requirement, dest: Path, python_version: str, platforms: list[str]) -> str:
     """One pinned requirement into ``dest``: a binary wheel for the target if there is one,
     else the sdist built here (accepted only if the result is pure Python)."""
@@ -54,16 +65,15 @@ def fetch(req: Requirement, dest: Path, python_version: str, platforms: list[str
     if proc.returncode == 0:
         return "wheel"
     if "No matching distribution" not in proc.stderr:
-        raise SystemExit(f"pip download {req} failed:\n{proc.stderr[-2000:]}")
+        raise pip_failed(proc, f"pip download {req} failed")
     with tempfile.TemporaryDirectory() as tmp:
         proc = pip("wheel", "--no-deps", "--no-binary=:all:", "-w", tmp, str(req))
         if proc.returncode != 0:
-            raise SystemExit(f"no wheel of {req} for the target and building it failed:\n"
-                             f"{proc.stderr[-2000:]}")  # fmt: skip
+            raise pip_failed(proc, f"no wheel of {req} for the target and building it failed")
         (built,) = Path(tmp).glob("*.whl")
         if not built.name.endswith("-none-any.whl"):
-            raise SystemExit(f"{req} has no wheel for the target and builds a binary one here "
-                             f"({built.name}): it cannot be carried")  # fmt: skip
+            raise UserError(f"{req} has no wheel for the target and builds a binary one here "
+                            f"({built.name}): it cannot be carried; pin a version with one")  # fmt: skip
         built.replace(dest / built.name)
     return "built from sdist"
 
@@ -90,6 +100,7 @@ def check_closure(dest: Path, python_version: str, allowed: set[str]) -> list[st
     return problems
 
 
+@cli.main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--dest", default="wheelhouse")
@@ -99,7 +110,9 @@ def main() -> None:
                    "sentencepiece, pytest (usually shipped with torch)")  # fmt: skip
     args = p.parse_args()
     if not args.python_version.replace(".", "").isdigit() or "." not in args.python_version:
-        p.error(f"--python-version={args.python_version!r}: use MAJOR.MINOR, e.g. 3.12")
+        raise ConfigError(
+            f"--python-version={args.python_version} is invalid: use MAJOR.MINOR, e.g. 3.12"
+        )
     dest = ROOT / args.dest if not Path(args.dest).is_absolute() else Path(args.dest)
     dest.mkdir(parents=True, exist_ok=True)
     reqs = read_requirements(BASE)
@@ -124,9 +137,15 @@ def main() -> None:
           f"repository's tracked files ({repo:.1f} MiB): {size + repo:.1f} MiB of a "
           f"{BUDGET_MIB} MiB transfer budget")  # fmt: skip
     if problems:
-        raise SystemExit("\n".join(problems))
+        print("\n".join(problems), file=sys.stderr)
+        raise UserError(
+            f"{len(problems)} dependencies are not in {dest} (listed above): pin them in "
+            f"{BASE.relative_to(ROOT)} or {COMMON.relative_to(ROOT)}"
+        )
     if size + repo > BUDGET_MIB:
-        raise SystemExit(f"wheelhouse + repository exceed {BUDGET_MIB} MiB")
+        raise UserError(
+            f"wheelhouse + repository exceed {BUDGET_MIB} MiB: drop --all, or carry less"
+        )
 
 
 if __name__ == "__main__":
