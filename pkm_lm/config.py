@@ -25,6 +25,7 @@ from pkm_lm.errors import (
     show,
 )
 from pkm_lm.memory import MemoryConfig
+from pkm_lm.memory.config import map_saved_query_batchnorm
 
 
 def spread_evenly(n_layers: int, count: int) -> list[int]:
@@ -312,7 +313,7 @@ class TrainConfig:
         # A setting the run's code did not have yet (absent from `saved`) kept its default then.
         changed = {
             key: f"{key}: {value!r} -> {now[key]!r}"
-            for key, value in flatten(saved).items()
+            for key, value in map_saved_query_batchnorm(flatten(saved)).items()
             if key in now and value != now[key] and key != "run_dir"  # (where, not what)
         }
         fixed = [

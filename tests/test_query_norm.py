@@ -106,3 +106,14 @@ def test_leak_report_of_a_trained_run(corpus, tmp_path):
     assert row[1:4] == ["batchnorm", "1", "16 x 32"]  # the trainer's default query norm
     largest, mean = map(float, row[4].split(" / "))
     assert largest >= mean > 0 and row[5] == "0 / 0 |"
+
+
+@pytest.mark.parametrize("old,resumable", [(True, True), (False, False)])
+def test_a_run_saved_with_query_batchnorm_resumes_with_the_norm_it_meant(old, resumable):
+    saved = {"model": {"memory": {"query_batchnorm": old}}}
+    now = TrainConfig()  # query_norm=batchnorm
+    if resumable:
+        assert now.check_resumable(saved, "old run") == []
+    else:
+        with pytest.raises(ConfigError, match="model.memory.query_norm: 'none' -> 'batchnorm'"):
+            now.check_resumable(saved, "old run")

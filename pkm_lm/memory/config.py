@@ -27,6 +27,20 @@ def pick_kernel(kernel: str, device) -> str:
     return "triton" if device.type == "cuda" and triton_installed() else "torch"
 
 
+def query_norm_of(query_batchnorm: bool) -> str:
+    """The ``query_norm`` that the older ``query_batchnorm`` flag meant."""
+    return "batchnorm" if query_batchnorm else "none"
+
+
+def map_saved_query_batchnorm(flat: dict, prefix: str = "model.memory.") -> dict:
+    """A flattened saved config ({"model.memory.knn": 32, ...}) written with the older
+    ``query_batchnorm``, as the current schema writes it: ``query_norm`` set, the flag null."""
+    flag = flat.get(prefix + "query_batchnorm")
+    if flag is None:
+        return flat
+    return {**flat, prefix + "query_batchnorm": None, prefix + "query_norm": query_norm_of(flag)}
+
+
 @dataclass
 class MemoryConfig:
     """Hyper-parameters of one memory layer (paper defaults: H=4, k=32, |K|=512^2, d_q=512).
@@ -120,7 +134,7 @@ class MemoryConfig:
         if self.query_batchnorm is None:
             return
         key = self.KEY_PREFIX
-        mapped = "batchnorm" if self.query_batchnorm else "none"
+        mapped = query_norm_of(self.query_batchnorm)
         require(
             self.query_norm in ("batchnorm", mapped),
             key + "query_batchnorm",
