@@ -69,7 +69,8 @@ def test_bench_train_tiny_run_prints_and_records_both_precisions(tmp_path, capsy
     """The flags' three models at toy sizes through the trainer's step, fp32 and bf16."""
     train_speed.main(
         "--dim 16 --heads 2 --layers 1 --n-keys 32 --vocab 50 --batch 2 --seq-len 8 --steps 2 "
-        f"--warmup 1 --nproc 1 --precision fp32 bf16 --out {tmp_path}".split()
+        f"--warmup 1 --nproc 1 --precision fp32 bf16 --infer-values float32 bfloat16 "
+        f"--out {tmp_path}".split()
     )
     out = capsys.readouterr().out
     assert "### fp32" in out and "### bf16" in out and "| 2 layers | " in out
@@ -79,15 +80,18 @@ def test_bench_train_tiny_run_prints_and_records_both_precisions(tmp_path, capsy
     assert rec["command"].endswith("--out " + str(tmp_path)) and rec["machine"].startswith("CPU")
     for precision in ("fp32", "bf16"):
         fig = rec["figures"][precision]
-        assert set(fig["train"]) == set(fig["infer"]) and len(fig["train"]) == 3
+        assert set(fig["infer"]) == {"float32", "bfloat16"} and len(fig["train"]) == 3
+        assert set(fig["train"]) == set(fig["infer"]["bfloat16"])
         assert all(r["tok_s"] > 0 and r["peak_gib"] is None for r in fig["train"].values())
-        assert [t["higher_is_better"] for t in fig["targets"]] == [True, True]
+        assert [t["higher_is_better"] for t in fig["targets"]] == [True, True, True]
+        assert fig["targets"][2]["name"].endswith(f"inference ({precision}, bfloat16 values)")
 
 
 def test_bench_train_paper_preset_composes_the_paper_experiments():
     args = train_speed.parse_args(["--preset", "paper", "--steps", "3"])
     assert args.steps == 3 and args.warmup == 5 and args.precision == ["bf16", "fp16"]
     assert (args.train_target, args.infer_target, args.device) == (0.75, 1.4, "cuda")
+    assert args.infer_values == ["float32", "bfloat16"]
     rows = train_speed.experiment_configs(args, "fp16")
     assert [name for name, _ in rows] == ["12L_0mem", "12L_1mem", "24L_0mem"]
     for name, cfg in rows:

@@ -12,7 +12,8 @@ depth) or, with ``--experiments BASE MEMORY DEEP``, from the experiments' own co
 ``python -m pkm_lm.train +experiment=NAME`` composes them (``--override`` adds Hydra overrides
 to all three; --vocab, --seq-len, --batch, --precision and --device are applied as overrides).
 ``--preset paper`` is the paper's width: 12L_0mem, 12L_1mem, 24L_0mem at dim 1024, a 60k
-vocabulary, one GPU's 32 x 256 tokens, bf16 then fp16.
+vocabulary, one GPU's 32 x 256 tokens, bf16 then fp16, inference with fp32 and with bf16 value
+tables (``--infer-values``).
 
 Random tokens (speed does not depend on the text). Training runs the trainer's own step,
 ``Trainer.train_step`` (micro-steps, autocast, GradScaler, gradient sync, clipping, both
@@ -30,32 +31,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
-import statistics
 import sys
-import time
-from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pkm_lm import cli
 from pkm_lm.config import DataConfig, ModelConfig, OptimConfig, TrainConfig, TrainLoopConfig
-from pkm_lm.distributed import DistEnv, resolve_device, synchronize
-from pkm_lm.metrics import memory_stats
+from pkm_lm.distributed import DistEnv, resolve_device
 from pkm_lm.model import build_model
-from pkm_lm.precision import autocast
-from pkm_lm.trainer import Trainer
 
 from .layer_args import Parser
 from .machine import describe
 from .records import record, save
-from .targets import Target, ratio_spread, spread
+from .speed_steps import ddp_train_speeds, infer_stepper, interleaved, train_stepper
+from .targets import Target, ratio_spread
 
 PAPER = dict(
     experiments=["12L_0mem", "12L_1mem", "24L_0mem"],
     vocab=60_000, seq_len=256, batch=32, precision=["bf16", "fp16"], device="cuda", nproc=[1],
+    infer_values=["float32", "bfloat16"],
     steps=20, warmup=5, train_target=0.75, infer_target=1.4,
 )  # fmt: skip
 
@@ -104,130 +98,6 @@ def experiment_configs(args, precision: str) -> list[tuple[str, TrainConfig]]:
         ]
 
 
-def timed(device: torch.device, fn) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
-
-
-@dataclass
-class Stepper:
-    """Times one call on a fresh random batch; tracks this model's own peak device memory."""
-
-    run: object  # (batch) -> None
-    make_batch: object  # () -> tokens
-    device: torch.device
-    resident: int = 0  # bytes allocated by building the model and its warm-up steps
-    extra: int = 0  # the most any one step allocated beyond what was there before it
-    seconds: list[float] = field(default_factory=list)
-
-    def __call__(self) -> float:
-        batch = self.make_batch()
-        cuda = self.device.type == "cuda"
-        if cuda:
-            before = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        seconds = timed(self.device, lambda: self.run(batch))
-        if cuda:
-            self.extra = max(self.extra, torch.cuda.max_memory_allocated(self.device) - before)
-        return seconds
-
-    @property
-    def peak_gib(self) -> float | None:
-        return (self.resident + self.extra) / 2**30 if self.device.type == "cuda" else None
-
-
-def warm_up(s: Stepper, steps: int, start: int) -> None:
-    """Run the first steps (allocations, optimizer state, compilation): what they leave
-    allocated is the model's own; the timed steps' extra is counted from here."""
-    for _ in range(steps):
-        s()
-    s.resident, s.extra = _allocated(s.device) - start, 0
-
-
-def _allocated(device: torch.device) -> int:
-    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-
-
-def train_stepper(args, cfg: TrainConfig, env: DistEnv) -> Stepper:
-    """The trainer's step on a fresh random batch each call, warmed up ``args.warmup`` times."""
-    start = _allocated(env.device)
-    torch.manual_seed(0)
-    trainer = Trainer(cfg, env, data=False)
-    gen = torch.Generator().manual_seed(env.rank)
-    per_rank = cfg.train.batch_size // env.world_size
-    vocab, seq = cfg.model.vocab_size, cfg.data.seq_len
-
-    def run(batch) -> None:
-        with memory_stats(trainer.model):  # as in Trainer.fit
-            trainer.train_step(batch)
-
-    s = Stepper(
-        run, lambda: torch.randint(0, vocab, (per_rank, seq + 1), generator=gen), env.device
-    )
-    warm_up(s, args.warmup, start)
-    return s
-
-
-def infer_stepper(args, cfg: TrainConfig, device: torch.device) -> Stepper:
-    start = _allocated(device)
-    torch.manual_seed(0)
-    model = build_model(cfg.model, device).eval()
-    gen = torch.Generator().manual_seed(0)
-    shape = (cfg.train.batch_size, cfg.data.seq_len)
-
-    @torch.no_grad()
-    def run(batch) -> None:
-        with autocast(device, cfg.train.precision):
-            model(batch)
-
-    vocab = cfg.model.vocab_size
-    s = Stepper(run, lambda: torch.randint(0, vocab, shape, generator=gen).to(device), device)
-    warm_up(s, args.warmup, start)
-    return s
-
-
-def interleaved(steps: int, steppers: list[Stepper], tokens: int) -> list[dict]:
-    """Per stepper: tokens/s of the median step, the spread, the steps' seconds, peak GiB."""
-    for _ in range(steps):
-        for s in steppers:
-            s.seconds.append(s())
-    out = []
-    for s in steppers:
-        median = statistics.median(s.seconds)
-        out.append({"tok_s": tokens / median, "spread": spread(s.seconds), "seconds": s.seconds,
-                    "peak_gib": s.peak_gib})  # fmt: skip
-    return out
-
-
-def _ddp_worker(rank: int, world: int, port: int, args, cfgs: list[TrainConfig], out) -> None:
-    torch.set_num_threads(max(1, args.threads // world))
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    try:
-        env = DistEnv(rank, rank, world, torch.device("cpu"))
-        tokens = args.batch * args.seq_len
-        speeds = interleaved(args.steps, [train_stepper(args, c, env) for c in cfgs], tokens)
-        if rank == 0:
-            out.put(speeds)
-    finally:
-        dist.destroy_process_group()
-
-
-def ddp_train_speeds(args, cfgs: list[TrainConfig], world: int) -> list[dict]:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    ctx = mp.get_context("spawn")
-    out = ctx.SimpleQueue()
-    mp.start_processes(
-        _ddp_worker, args=(world, port, args, cfgs, out), nprocs=world, start_method="spawn"
-    )
-    return out.get()
-
-
 def _cell(speed: dict) -> str:
     return f"{speed['tok_s']:,.0f} ({speed['spread']:.0%})"
 
@@ -249,31 +119,37 @@ def bench_precision(args, precision: str, device: torch.device) -> tuple[list[st
     train = interleaved(args.steps, [train_stepper(args, c, env) for c in cfgs], tokens)
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    infer = interleaved(args.steps, [infer_stepper(args, c, device) for c in cfgs], tokens)
+    infer = {}
+    for values in args.infer_values:
+        steppers = [infer_stepper(args, c, device, values) for c in cfgs]
+        infer[values] = interleaved(args.steps, steppers, tokens)
+        del steppers
     extra = [n for n in args.nproc if n > 1]
     ddp = [ddp_train_speeds(args, cfgs, n) for n in extra]
-    header = ["model", "params", "train tok/s", "infer tok/s", "peak GiB train"]
-    header += ["peak GiB infer", *(f"train tok/s ({n} proc)" for n in extra)]
+    header = ["model", "params", "train tok/s", *(f"infer tok/s ({v} values)" for v in infer)]
+    header += ["peak GiB train", *(f"peak GiB infer ({v})" for v in infer)]
+    header += [f"train tok/s ({n} proc)" for n in extra]
     lines = [f"### {precision}", "", _row(header), "|" + "---|" * len(header)]
     for i, (name, cfg) in enumerate(rows):
         n_params = build_model(cfg.model, "meta").num_params()
-        cells = [name, f"{n_params / 1e6:.1f}M", _cell(train[i]), _cell(infer[i])]
-        cells += [_gib(train[i]), _gib(infer[i]), *(_cell(d[i]) for d in ddp)]
-        lines.append(_row(cells))
+        cells = [name, f"{n_params / 1e6:.1f}M", _cell(train[i])]
+        cells += [_cell(r[i]) for r in infer.values()]
+        cells += [_gib(train[i]), *(_gib(r[i]) for r in infer.values())]
+        lines.append(_row([*cells, *(_cell(d[i]) for d in ddp)]))
     base, memory, deep = (name for name, _ in rows)
     targets = [
         Target(f"{memory} / {base}, training ({precision})",
                train[1]["tok_s"] / train[0]["tok_s"], args.train_target, True,
                ratio_spread(train[0]["spread"], train[1]["spread"])),
-        Target(f"{memory} / {deep}, inference ({precision})",
-               infer[1]["tok_s"] / infer[2]["tok_s"], args.infer_target, True,
-               ratio_spread(infer[1]["spread"], infer[2]["spread"])),
+        *(Target(f"{memory} / {deep}, inference ({precision}, {values} values)",
+                 r[1]["tok_s"] / r[2]["tok_s"], args.infer_target, True,
+                 ratio_spread(r[1]["spread"], r[2]["spread"])) for values, r in infer.items()),
     ]  # fmt: skip
     lines += ["", *(t.line() for t in targets), ""]
     names = [name for name, _ in rows]
     figures = {
         "train": dict(zip(names, train, strict=True)),
-        "infer": dict(zip(names, infer, strict=True)),
+        "infer": {v: dict(zip(names, r, strict=True)) for v, r in infer.items()},
         "ddp": {n: dict(zip(names, d, strict=True)) for n, d in zip(extra, ddp, strict=True)},
         "targets": [t.as_dict() for t in targets],
     }
@@ -299,6 +175,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--precision", nargs="+", choices=["fp32", "bf16", "fp16"], default=["fp32"])
     p.add_argument("--nproc", type=int, nargs="+", default=[1, 2], help="process counts")
+    p.add_argument("--infer-values", nargs="+", choices=["float32", "bfloat16"],
+                   default=["float32"], help="value-table dtypes to infer with (float32)")  # fmt: skip
     p.add_argument("--train-target", type=float, default=0.8, help="memory / base, training")
     p.add_argument("--infer-target", type=float, default=1.6, help="memory / deep, inference")
     p.add_argument("--out", help="folder for bench_train.md and bench_train.jsonl")
