@@ -60,7 +60,6 @@ class Optimizers:
         for group, lr_lambda in zip(self.base.param_groups, self.schedule.lr_lambdas, strict=True):
             group.update(initial_lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
             group["lr"] = cfg.lr * lr_lambda(self.schedule.last_epoch)
-        self.schedule._last_lr = [group["lr"] for group in self.base.param_groups]
         for group in self.values.param_groups if self.values is not None else []:
             group.update(lr=cfg.value_lr, betas=tuple(cfg.betas), eps=cfg.eps)
 
