@@ -2,16 +2,23 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from tiny_trainer import build_trainer
 
 from pkm_lm.causality import future_leak, main
-from pkm_lm.config import ModelConfig, TrainConfig
+from pkm_lm.config import ModelConfig, TrainConfig, register_configs, to_train_config
+from pkm_lm.distributed import SyncedBatchNorm1d, sync_query_batchnorms
 from pkm_lm.errors import ConfigError
 from pkm_lm.memory import MemoryConfig, ProductKeyMemory
 from pkm_lm.model import build_model
+
+ROOT = Path(__file__).resolve().parents[1]
+register_configs()
 
 
 def tiny_model(query_norm: str, seed: int = 0):
@@ -117,3 +124,23 @@ def test_a_run_saved_with_query_batchnorm_resumes_with_the_norm_it_meant(old, re
     else:
         with pytest.raises(ConfigError, match="model.memory.query_norm: 'none' -> 'batchnorm'"):
             now.check_resumable(saved, "old run")
+
+
+@pytest.mark.parametrize("query_norm", ["batchnorm", "layernorm", "none"])
+def test_only_batchnorm_is_synced_across_ranks(query_norm):
+    model = tiny_model(query_norm)
+    keys = list(model.state_dict())
+    sync_query_batchnorms(model.memories)
+    synced = isinstance(model.memories[2].query_norm, SyncedBatchNorm1d)
+    assert synced == (query_norm == "batchnorm")
+    assert list(model.state_dict()) == keys  # checkpoints unchanged by the swap
+
+
+def test_an_unknown_override_names_the_key_as_typed():
+    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
+        dcfg = compose("train", ["model.memory.query_norm=groupnorm"])
+    with pytest.raises(ConfigError) as err:
+        to_train_config(dcfg)
+    assert str(err.value) == (
+        "model.memory.query_norm=groupnorm is invalid: must be one of batchnorm, layernorm, none"
+    )
