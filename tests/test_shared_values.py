@@ -62,32 +62,46 @@ def test_shared_model_equals_tables_tied_by_hand(sparse):
         torch.testing.assert_close(shared_params[name].grad, p.grad, rtol=1e-10, atol=1e-12)
 
 
-PATHS = [
-    pytest.param("torch", "0", id="torch"),
-    pytest.param("torch", "1", id="cpp"),
+HAS_CUDA = torch.cuda.is_available()
+NO_TRITON = pytest.mark.skipif(not triton_installed(), reason="triton is not installed")
+PATHS = [  # kernel, PKM_CPU_OPS, device
+    pytest.param("torch", "0", "cpu", id="torch"),
+    pytest.param("torch", "1", "cpu", id="cpp"),
+    # Triton runs in its interpreter on CPU tensors without CUDA (tests/conftest.py), compiled
+    # on the GPU with it.
     pytest.param(
         "triton",
         "0",
-        id="triton",
-        marks=pytest.mark.skipif(not triton_installed(), reason="triton is not installed"),
+        "cpu",
+        id="triton-interpreted",
+        marks=[NO_TRITON, pytest.mark.skipif(HAS_CUDA, reason="CUDA present: Triton compiles")],
+    ),
+    pytest.param(
+        "triton",
+        "0",
+        "cuda",
+        id="triton-cuda",
+        marks=[NO_TRITON, pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="no CUDA")],
     ),
 ]
 
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["dense", "sparse"])
-@pytest.mark.parametrize("kernel,cpu_ops", PATHS)
-def test_each_value_read_path_sums_the_layers_gradients(monkeypatch, kernel, cpu_ops, sparse):
-    """Two layers reading one table, on each path (PyTorch, the C++ CPU passes, Triton: in its
-    interpreter on CPU), against two layers with a copy each; a few tokens keep Triton quick."""
+@pytest.mark.parametrize("kernel,cpu_ops,device", PATHS)
+def test_each_value_read_path_sums_the_layers_gradients(
+    monkeypatch, kernel, cpu_ops, device, sparse
+):
+    """Two layers reading one table, on each path (PyTorch, the C++ CPU passes, Triton) against
+    two layers with a copy each; a few tokens keep the Triton interpreter quick."""
     monkeypatch.setenv("PKM_CPU_OPS", cpu_ops)
     torch.manual_seed(0)
     cfg = MemoryConfig(n_keys=4, heads=2, knn=3, k_dim=8, kernel=kernel, sparse_grad=sparse)
-    first = ProductKeyMemory(8, 8, cfg)
-    layers = [first, ProductKeyMemory(8, 8, cfg, values=first.values)]
-    copies = [ProductKeyMemory(8, 8, cfg) for _ in layers]
+    first = ProductKeyMemory(8, 8, cfg).to(device)
+    layers = [first, ProductKeyMemory(8, 8, cfg, values=first.values).to(device)]
+    copies = [ProductKeyMemory(8, 8, cfg).to(device) for _ in layers]
     for layer, copy in zip(layers, copies, strict=True):
         copy.load_state_dict(layer.state_dict())
-    x = torch.randn(2, 5, 8)
+    x = torch.randn(2, 5, 8, device=device)
     for mems in (layers, copies):
         (mems[1](mems[0](x) + x) * x).sum().backward()
     expected = grad(copies[0].values.weight) + grad(copies[1].values.weight)
