@@ -18,11 +18,11 @@ figure otherwise):
   bench-memory  scripts/bench_memory.py at 8,192 tokens against lucidrains' layer
   pytest        pytest -m gpu (CUDA vs CPU, top-k, bf16 selection, LazyAdam, autocast,
                 GradScaler, host syncs, kill + resume, 2 ranks)
-  train         fp16 and bf16 trainings of a 6-layer model with one memory, evaluate, generate
-  paper         12L_1mem at paper width on one GPU: ms/step and peak GPU memory
+  repro         (optional, if the budget has room) the reproduction's GPU-scale headline
   compile       (optional, if the budget has room) bench-train's paper width, bf16, with
                 train.compile=true
-  repro         (optional, if the budget has room) the reproduction's GPU-scale headline
+  train         fp16 and bf16 trainings of a 6-layer model with one memory, evaluate, generate
+  paper         12L_1mem at paper width on one GPU: ms/step and peak GPU memory
 
 Exit status: 0 when no stage failed, 1 when one did, 2 when there is no CUDA device (one line,
 at once) or the arguments are wrong. The report (summary.md, the logs, the benchmarks' tables

@@ -1,7 +1,8 @@
 """The stages of the GPU check, in the order they run, each with its timeout, log and checks.
 
-The speed measurements come first (what the GPU is borrowed for), then the test suite, then
-the real command lines, then the optional reproduction headline if the budget has room.
+The speed measurements come first (what the GPU is borrowed for), then the GPU tests, the
+optional stages if the budget has room for them (the reproduction headline, torch.compile
+at paper width), then the real command lines of the acceptance check.
 """
 
 from __future__ import annotations
@@ -40,6 +41,13 @@ STAGES = [
           "every gpu-marked test passes (none may be missing); skips and the tests' fallback "
           "warnings are WARN",
           c.pytest_groups, v.pytest_verdict),
+    Stage("repro", "reproduction headline (GPU scale)", 240, "repro.log",
+          "scripts/sweep.sh headline --scale gpu writes its table; its wall time",
+          c.repro_groups, sv.repro_verdict, optional=True, missing=c.repro_missing),
+    Stage("compile", "bench_train.py with train.compile=true", 180, "bench.log",
+          "the paper's width in bf16 with torch.compile: the same targets (compare with "
+          "bench-train to choose train.compile's default)",
+          c.compile_groups, sv.compile_verdict, optional=True),
     Stage("train", "real command lines", 120, "train.log",
           "finite loss, skipped steps <= 10% (fp16) / 0 (bf16), last valid ppl < 0.9 x first, "
           "memory usage > 50%; evaluate writes a test record; generate prints 2 samples",
@@ -47,11 +55,4 @@ STAGES = [
     Stage("paper", "12L_1mem paper-width step", 90, "paper.log",
           "the real trainer runs 12L_1mem steps; ms/step and peak GPU memory",
           c.paper_groups, v.paper_verdict),
-    Stage("compile", "bench_train.py with train.compile=true", 180, "bench.log",
-          "the paper's width in bf16 with torch.compile: the same targets (compare with "
-          "bench-train to choose train.compile's default)",
-          c.compile_groups, sv.compile_verdict, optional=True),
-    Stage("repro", "reproduction headline (GPU scale)", 240, "repro.log",
-          "scripts/sweep.sh headline --scale gpu writes its table; its wall time",
-          c.repro_groups, sv.repro_verdict, optional=True, missing=c.repro_missing),
 ]  # fmt: skip
