@@ -9,8 +9,9 @@ FASTBPE_VERSION := 0.1.0
 # The fused C++ CPU passes of the memory layer (pkm_lm/memory/cpu_ops.py): auto, 1 or 0. setup
 # builds them and fails with the compiler's output where they do not build; `make test` runs
 # with PKM_CPU_OPS=1, so a broken build fails the suite instead of skipping the C++ path.
-# PKM_CPU_OPS=0 (no C++ compiler with OpenMP): nothing is built, the PyTorch path is used.
-PKM_CPU_OPS ?= auto
+# PKM_CPU_OPS=0 (no C++ compiler with OpenMP): nothing is built, the PyTorch path is used; the
+# default on macOS, whose Apple clang has no OpenMP (PKM_CPU_OPS=auto there tries anyway).
+PKM_CPU_OPS ?= $(if $(filter Darwin,$(shell uname -s)),0,auto)
 # torch's extension loader runs ninja from PATH: the venv's.
 WITH_NINJA := PATH="$(abspath $(BIN)):$$PATH"
 

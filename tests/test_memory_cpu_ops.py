@@ -3,6 +3,7 @@ PyTorch path with one warning (auto), an error (1), or no build at all (0)."""
 
 import os
 import shutil
+import sys
 import warnings
 
 import pytest
@@ -99,8 +100,11 @@ def test_setup_step_fails_with_the_compiler_output_and_what_to_do(monkeypatch, c
 
 @pytest.mark.skipif(os.environ.get("PKM_CPU_OPS") == "0", reason="PKM_CPU_OPS=0")
 def test_the_extension_builds_where_a_toolchain_is_present(capsys):
-    """A compiler and ninja on the machine: the C++ passes must build (a broken build here
-    would otherwise leave every user on the slower path with only a warning)."""
+    """On Linux with a compiler and ninja the C++ passes must build (a broken build would
+    otherwise leave every user on the slower path with only a warning). macOS's Apple clang
+    has no OpenMP: there the fallback is what users get, and what is tested."""
+    if sys.platform != "linux":
+        pytest.skip("the C++ passes are expected to build on Linux (macOS: no OpenMP in clang)")
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None or shutil.which("ninja") is None:
         pytest.skip(f"no C++ toolchain here ({compiler} and ninja): the fallback is tested")
