@@ -2,7 +2,7 @@
 
     python -m pkm_lm.experiments table1 --scale tiny     # the group's experiment names, one a line
 
-scripts/sweep.sh trains what this lists, scripts/make_table.py puts the paper's numbers beside
+scripts/sweep.sh trains what this lists, pkm_lm.reproduce puts the paper's numbers beside
 ours from here, scripts/bench_speed.py times the Table 1 shapes named here, and the tests check
 configs/experiment/ against it. An experiment NAME is the config +experiment=NAME at the paper
 scale and +experiment=SCALE/NAME at the others.

