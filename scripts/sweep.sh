@@ -31,7 +31,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-usage() { sed -n '6,29p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '6,30p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 die() { echo "sweep.sh: $*" >&2; exit 2; }
 
 # ---- Arguments: all checked before any work -------------------------------------------------
