@@ -72,10 +72,12 @@ def install_missing(wheelhouse: Path, target: Path) -> list[str]:
         return []
     wheels = sorted(wheelhouse.glob("*.whl")) if wheelhouse.is_dir() else []
     if not wheels:
-        sys.exit(
-            f"gpu-check: {', '.join(NEEDED[m] for m in missing)} not importable and no wheels in "
-            f"{wheelhouse}: run `make wheelhouse` where there is a network and carry it here"
+        print(
+            f"error: {', '.join(NEEDED[m] for m in missing)} not importable and no wheels in "
+            f"{wheelhouse}: run `make wheelhouse` where there is a network and carry it here",
+            file=sys.stderr,
         )
+        raise SystemExit(2)
     todo = [w for w in wheels if not _installed(w.name.split("-")[0])]
     cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-index", "--no-deps"]
     cmd += ["--no-compile", "--disable-pip-version-check", "--target", str(target)]
