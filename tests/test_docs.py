@@ -52,6 +52,23 @@ def test_relative_links_resolve(page):
     assert not broken, f"{page.relative_to(ROOT)}: broken links {broken}"
 
 
+RESULTS_PATH = re.compile(r"results/[\w./+-]*")
+
+
+def test_results_paths_named_exist():
+    """A figure's source is a committed file under results/: every results/ path the README and
+    docs/ name, in a link, in code or in prose, exists (a pattern such as results/<scale>/ is
+    checked up to its first placeholder)."""
+    named = {
+        (page.relative_to(ROOT).as_posix(), path.rstrip(".,"))
+        for page in PAGES
+        for path in RESULTS_PATH.findall(page.read_text())
+    }
+    missing = sorted(f"{page}: {path}" for page, path in named if not (ROOT / path).exists())
+    assert not missing, f"no such results path: {missing}"
+    assert len({path for _, path in named}) > 10  # the pattern finds what the pages cite
+
+
 def test_readme_tour_names_every_module_and_script():
     """A newcomer finds any piece of the system from the README's tour (globs like bench_*.py
     count for what they match)."""
