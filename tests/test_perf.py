@@ -180,14 +180,17 @@ def test_a_training_step_profile_has_every_region():
 
 
 def test_profile_command_writes_its_table_and_record(tmp_path, capsys):
-    commands.profile_main(["--preset", "toy", "--device", "cpu", "--steps", "1",
-                           "--out", str(tmp_path)])  # fmt: skip
+    commands.profile_main(["--preset", "toy", "--device", "cpu", "--steps", "1", "--experiment",
+                           "tiny/12L_1mem", "--out", str(tmp_path)])  # fmt: skip
     out = capsys.readouterr().out
     assert "### training step" in out and "| select backward |" in out
+    assert "### tiny/12L_1mem training step" in out
     assert (tmp_path / "profile.md").read_text().endswith(out.strip() + "\n")
     (rec,) = read_records(tmp_path / "profile.jsonl")
     assert rec["machine"].startswith("CPU ") and "--preset toy" in rec["command"]
     assert rec["figures"]["training step"]["regions"]["optimizer"]["ops"] > 0
+    model = rec["figures"]["tiny/12L_1mem training step"]["regions"]
+    assert model["value_read backward"]["ops"] > 0 and model["rest"]["ops"] > model["query"]["ops"]
 
 
 def test_roofline_command_names_bad_input_in_one_line(tmp_path, capsys):

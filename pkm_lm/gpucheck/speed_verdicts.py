@@ -67,7 +67,8 @@ def _profile_lines(recs: list[dict]) -> list[str]:
     for r in recs:
         f = r["figures"]
         shapes = f["shapes"]
-        for name in ("training step", "forward"):
+        models = sorted(k for k in f if k.endswith(" training step"))  # --experiment's
+        for name in ["training step", "forward", *models]:
             regions = f[name]["regions"]
             steps = f[name]["steps"]
             timed = "device_us" if any(s["kernels"] for s in regions.values()) else "cpu_us"

@@ -60,7 +60,7 @@ class Sizes:
         ("--preset", "dim512", "--precision", "fp32"),
         ("--preset", "dim512", "--precision", "bf16"),
         ("--preset", "dim512", "--precision", "bf16", "--memory", "sparse_grad=true"),
-        ("--preset", "paper", "--precision", "bf16"),
+        ("--preset", "paper", "--precision", "bf16", "--experiment", "12L_1mem"),
     )
     roofline: tuple[tuple[str, ...], ...] = (
         ("--preset", "dim512", "--time", "20", "--measure-peaks"),
@@ -91,7 +91,8 @@ TOY = Sizes(
            "train.batch_size=8", "optim.lr=3e-3", "optim.warmup_steps=5"),
     paper=("--experiment", "tiny/12L_1mem", "--micro-batch", "2", "--seq-len", "16",
            "--steps", "3", "--device", "cpu"),
-    profile=(("--preset", "toy", "--device", "cpu", "--steps", "1"),),
+    profile=(("--preset", "toy", "--device", "cpu", "--steps", "1", "--experiment",
+              "tiny/12L_1mem"),),
     roofline=(("--preset", "toy", "--device", "cpu", "--bandwidth", "10", "--tflops", "0.1",
                "--time", "3"),),
     bench_train=(("--experiments", "tiny/12L_0mem", "tiny/12L_1mem", "tiny/24L_0mem",

@@ -17,6 +17,7 @@ from .machine import describe
 from .records import record, save
 from .roofline import describe as describe_shapes
 from .roofline import roofline, table
+from .speed_steps import model_step
 from .targets import Target
 
 PROFILE_MAIN_DOC = """Profile one memory layer: a training step (forward, backward, clip,
@@ -26,6 +27,7 @@ clip, optimizer, rest), with the top kernels on a GPU.
     python scripts/profile_memory.py --preset dim512 --precision bf16      # a GPU
     python scripts/profile_memory.py --preset paper --memory sparse_grad=true
     python scripts/profile_memory.py --preset toy --device cpu             # ops per region
+    python scripts/profile_memory.py --preset paper --experiment 12L_1mem  # + a model's step
 
 Prints the machine, then Markdown tables; ``--out DIR`` also writes them to DIR/profile.md
 and appends a record (command, machine, figures) to DIR/profile.jsonl. No trace is written.
@@ -56,6 +58,9 @@ def profile_main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=3, help="profiled calls of each (3)")
     p.add_argument("--kernels", type=int, default=15, help="top kernels listed (15)")
     p.add_argument("--out", help="folder for profile.md and profile.jsonl")
+    p.add_argument("--experiment", help="also a whole training step of this experiment "
+                   "(e.g. 12L_1mem) on as many tokens")  # fmt: skip
+    p.add_argument("--override", nargs="*", default=[], help="Hydra overrides (--experiment)")
     argv = sys.argv[1:] if argv is None else argv
     args = p.parse_args(argv)
     if args.steps < 1:
@@ -75,7 +80,11 @@ def profile_main(argv: list[str] | None = None) -> None:
         f"mean of {args.steps} profiled calls after 2 unprofiled",
     ]
     figures = {"shapes": vars(shapes), "precision": args.precision, "memory": args.memory}
-    for name, fn in (("training step", step.train_step), ("forward", step.forward)):
+    calls = [("training step", step.train_step), ("forward", step.forward)]
+    if args.experiment:  # its clip and optimizer count as rest: the trainer names no regions
+        fn = model_step(args.experiment, args.override, args.precision, device, shapes.tokens)
+        calls.append((f"{args.experiment} training step", fn))
+    for name, fn in calls:
         events = profile.profile_events(fn, device, steps=args.steps)
         stats = profile.attribute(events)
         lines += ["", f"### {name}", "", profile.region_table(stats, args.steps, on_device)]

@@ -150,3 +150,26 @@ def ddp_train_speeds(args, cfgs: list[TrainConfig], world: int) -> list[dict]:
         _ddp_worker, args=(world, port, args, cfgs, out), nprocs=world, start_method="spawn"
     )
     return out.get()
+
+
+def model_step(experiment: str, overrides: list[str], precision: str, device: torch.device,
+               tokens: int, vocab: int = 60_000):  # fmt: skip
+    """The trainer's step of ``experiment`` (composed as ``pkm_lm.train`` would) on ``tokens``
+    random tokens a step, in sequences of up to 256."""
+    import argparse
+
+    from .train_speed import experiment_configs
+
+    seq = min(256, tokens)
+    batch = max(1, tokens // seq)
+    ns = argparse.Namespace(experiments=[experiment], override=overrides, vocab=vocab,
+                            seq_len=seq, batch=batch, micro_batch=None, device=device.type)  # fmt: skip
+    ((_, cfg),) = experiment_configs(ns, precision)
+    torch.manual_seed(0)
+    trainer = Trainer(cfg, DistEnv(0, 0, 1, device), data=False)
+    gen = torch.Generator().manual_seed(0)
+
+    def step() -> None:
+        trainer.train_step(torch.randint(0, vocab, (batch, seq + 1), generator=gen))
+
+    return step
