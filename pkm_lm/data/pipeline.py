@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from pkm_lm.atomic import atomic_write_bytes
 from pkm_lm.errors import (
     DataError,
     NotFoundError,
@@ -70,6 +71,9 @@ class PreprocessConfig:
     chunk_bytes: int = 1 << 20  # raw bytes per unit of work
     bpe: BPEConfig = field(default_factory=BPEConfig)
     sentencepiece: SentencePieceConfig = field(default_factory=SentencePieceConfig)
+    # A preprocessed dataset whose tokenizer to reuse instead of learning one: new text for
+    # the models trained on that dataset (finetuning) gets their vocabulary.
+    vocab_from: str | None = None
 
     def __post_init__(self):
         check_choice("tokenizer", self.tokenizer, TOKENIZERS)
@@ -316,6 +320,28 @@ class Preprocessor:
             bar.update(src.stat().st_size)
         return [model, vocab], {"bytes": src.stat().st_size}
 
+    def _reuse_vocab(self, source: Path) -> tuple[dict, str, int]:
+        """Copy the tokenizer files of the dataset ``source`` (vocab_from) into out_dir."""
+        theirs = read_manifest(source)
+        if not theirs.get("complete"):
+            raise NotFoundError(f"vocab_from={source} is not a complete preprocessed dataset")
+        require(
+            theirs["tokenizer"] == self.cfg.tokenizer,
+            "vocab_from",
+            source,
+            f"was made with tokenizer={theirs['tokenizer']}, not tokenizer={self.cfg.tokenizer}",
+        )
+        files = {k: self.out_dir / name for k, name in theirs["files"].items()}
+        key = _key("vocab_from", theirs["steps"]["binarize/train"]["key"], theirs["files"])
+
+        def copy() -> tuple[list[Path], dict]:
+            for name in theirs["files"].values():
+                atomic_write_bytes(self.out_dir / name, (source / name).read_bytes())
+            return list(files.values()), {"source": str(source)}
+
+        self._step("vocab_from", key, copy)
+        return files, key, int(theirs["vocab_size"])
+
     def _binarize(
         self, split: str, src: Path, files: dict, vocab_size: int
     ) -> tuple[list[Path], dict]:
@@ -380,7 +406,9 @@ class Preprocessor:
             text_keys[split] = key
 
         train_text = self.work_dir / f"train.{ext}"
-        if fastbpe:
+        if cfg.vocab_from:
+            files, vocab_key, vocab_size = self._reuse_vocab(Path(cfg.vocab_from))
+        elif fastbpe:
             files = {"codes": self.out_dir / "codes", "vocab": self.out_dir / "vocab.txt"}
             codes_key = _key("learnbpe", cfg.bpe.n_codes, text_keys["train"], tools)
             self._step("learnbpe", codes_key, lambda: self._learn_bpe(train_text, files["codes"]))
