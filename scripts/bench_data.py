@@ -8,6 +8,8 @@ start-up included), and the peak of the RSS summed over the process tree, sample
 preprocessed train split.
 
 Machine-dependent: on a shared box run it alone. --max-mb cuts the corpus for a quick run.
+``--out DIR`` appends the printed tables to DIR/bench_data.md and a record (command, machine
+line, every figure) to DIR/bench_data.jsonl: the committed source of the figures docs quote.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import torch
 from pkm_lm import cli
 from pkm_lm.errors import NotFoundError
 from pkm_lm.perf.machine import describe
+from pkm_lm.perf.records import record, save, tee_stdout
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("moses", "learnbpe", "vocab", "binarize")
@@ -152,13 +155,24 @@ def main() -> None:
     )
     parser.add_argument("--n-codes", type=int, default=8000)
     parser.add_argument("--loader-seconds", type=float, default=3.0)
+    parser.add_argument("--out", help="folder for bench_data.md and bench_data.jsonl")
     args = parser.parse_args()
 
     raw = ROOT / args.raw
     if not (raw / "train.txt").is_file():
         raise NotFoundError(f"{raw}/train.txt not found: run `make data` first")
     torch.set_num_threads(1)  # the loader's timings, in this process
-    print(describe())
+    machine = describe()
+    with tee_stdout() as printed:
+        figures = measure(raw, args, machine)
+    if args.out:
+        rec = record(machine, figures, ["scripts/bench_data.py", *sys.argv[1:]])
+        save(args.out, "bench_data", printed.getvalue(), rec)
+
+
+def measure(raw: Path, args: argparse.Namespace, machine: str) -> dict:
+    """Run every measurement, print the tables, return their figures."""
+    print(machine)
     max_bytes = int(args.max_mb * 1e6) if args.max_mb else None
     rows, loader_dir = [], None
     with tempfile.TemporaryDirectory(prefix="bench_data_") as tmp:
@@ -195,11 +209,19 @@ def main() -> None:
             cells = " | ".join(f"{rates[s]:.2f}" for s in STEPS)
             print(f"| {corpus} | {workers} | {cells} | {e2e:.2f} | {peak:.0f} |")
         print("\n| Moses normalise + tokenise, 1 process | MB/s |\n|---|---|")
-        for name, rate in bench_moses(raw):
+        moses_rows = bench_moses(raw)
+        for name, rate in moses_rows:
             print(f"| {name} | {rate:.2f} |")
         print("\n| loader (seq_len 256, batch 32, train split) | tokens/s |\n|---|---|")
-        for name, rate in bench_loader(loader_dir, 256, 32, args.loader_seconds):
+        loader_rows = bench_loader(loader_dir, 256, 32, args.loader_seconds)
+        for name, rate in loader_rows:
             print(f"| {name} | {rate / 1e6:.1f}M |")
+    preprocess = [
+        {"corpus": c, "workers": w, "step_mb_s": r, "end_to_end_mb_s": e, "peak_rss_mb": p}
+        for c, w, r, e, p in rows
+    ]
+    return {"preprocess": preprocess, "moses_mb_s": dict(moses_rows),
+            "loader_tokens_s": dict(loader_rows)}  # fmt: skip
 
 
 if __name__ == "__main__":
