@@ -26,7 +26,7 @@ from pkm_lm.reproduce.cells import fmt_ppl
 from pkm_lm.reproduce.compose import compose_experiments
 from pkm_lm.reproduce.params import param_counts, param_table
 from pkm_lm.reproduce.report import make_report
-from pkm_lm.reproduce.runs import collect, tested
+from pkm_lm.reproduce.runs import collect, has_test_eval
 from pkm_lm.reproduce.tables import table1_grid
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -301,11 +301,11 @@ def test_a_run_is_tested_only_at_its_last_step(tmp_path):
     """sweep.sh evaluates a run again when it trained further after its test evaluation."""
     record = {"kind": "train", "step": 2}
     test = {"kind": "eval", "split": "test", "step": 2}
-    assert not tested(tmp_path)  # no metrics.jsonl
+    assert not has_test_eval(tmp_path)  # no metrics.jsonl
     for records, expected in (([record], False), ([record, test], True),
                               ([record, test, {**record, "step": 4}], False)):  # fmt: skip
         (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        assert tested(tmp_path) is expected
+        assert has_test_eval(tmp_path) is expected
         code = 0 if expected else 1
         assert subprocess.run([sys.executable, "-m", "pkm_lm.reproduce.runs", "tested",
                                str(tmp_path)], cwd=ROOT).returncode == code  # fmt: skip

@@ -105,7 +105,7 @@ def read_seed(run_dir: Path) -> SeedRun:
     return SeedRun(test, valid_ppl, train, curve)
 
 
-def tested(run_dir: Path) -> bool:
+def has_test_eval(run_dir: Path) -> bool:
     """Whether the run has a test evaluation at its last training step (a resumed run that
     trained further keeps its older test record until it is tested again)."""
     records = read_metrics(run_dir)
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("question", choices=("tested",), help="tested: exit 0 when it was")
     parser.add_argument("run_dir", type=Path)
     args = parser.parse_args(argv)
-    raise SystemExit(0 if tested(args.run_dir) else 1)
+    raise SystemExit(0 if has_test_eval(args.run_dir) else 1)
 
 
 if __name__ == "__main__":
