@@ -133,6 +133,17 @@ def test_missing_dataset_is_a_clear_error(tmp_path):
     assert "python -m pkm_lm.preprocess" in result.stderr
 
 
+def test_default_dataset_is_the_one_the_configs_read():
+    """Without --data a scale trains on its configs' data.dir, and prepares that directory."""
+    out = sweep("headline", "--scale", "gpu", "--dry-run", "--runs", "R", "--out", "O").stdout
+    cmds = [shlex.split(line) for line in out.splitlines() if not line.startswith("==")]
+    trains = [c for c in cmds if "pkm_lm.train" in c]
+    assert len(trains) == 3 and all("data.dir=data/bin/offline" in c for c in trains)
+    if not (ROOT / "data" / "bin" / "offline" / "dataset.json").exists():  # else nothing to make
+        preprocess = next(c for c in cmds if "pkm_lm.preprocess" in c)
+        assert preprocess[-2:] == ["raw_dir=data/raw/offline", "out_dir=data/bin/offline"]
+
+
 @pytest.fixture(scope="module")
 def composed():
     """scale -> group -> experiment -> validated TrainConfig, from sweep.sh's own commands."""
