@@ -234,9 +234,14 @@ class DistributedConfig:
     sync_bn: bool = True
     # None: nccl on CUDA, gloo on CPU.
     backend: str | None = None
+    # Ranks per group that splits every value table by columns (each holds |K| x v/N values and
+    # their optimizer state); 1: every rank holds whole tables. Must divide the world size and
+    # the value dim (checked when the world size is known).
+    memory_parallel: int = 1
 
     def __post_init__(self) -> None:
         check_choice("distributed.backend", self.backend, (None, "gloo", "nccl"))
+        check_positive("distributed.memory_parallel", self.memory_parallel)
 
 
 @dataclass

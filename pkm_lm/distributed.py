@@ -160,11 +160,17 @@ class SparseGrads:
     """
 
     def __init__(
-        self, params: list[nn.Parameter], dense_fraction: float = 1.0, exact: bool | None = None
+        self,
+        params: list[nn.Parameter],
+        dense_fraction: float = 1.0,
+        exact: bool | None = None,
+        group: dist.ProcessGroup | None = None,
     ) -> None:
         """``exact``: hand over exactly the rows with a gradient (reading their number back);
-        None: on the CPU only, where that costs no wait."""
+        None: on the CPU only, where that costs no wait. ``group``: the ranks to average over
+        (None: all)."""
         self.params = params
+        self.group = group
         self.dense_fraction = dense_fraction
         self.exact = exact
         self._buffers: dict[nn.Parameter, torch.Tensor] = {}
@@ -180,9 +186,9 @@ class SparseGrads:
 
     def all_reduce_(self) -> list[str]:
         """Average the gradients over ranks in place; returns the branch each table took."""
-        if not (dist.is_initialized() and dist.get_world_size() > 1) or not self.params:
+        if not (dist.is_initialized() and dist.get_world_size(self.group) > 1) or not self.params:
             return []
-        world, rank = dist.get_world_size(), dist.get_rank()
+        world, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
         grads = []
         for p in self.params:
             if p.grad is None:
@@ -191,7 +197,7 @@ class SparseGrads:
         device = grads[0][1].device
         counts = torch.zeros(world, len(grads), dtype=torch.long, device=device)
         counts[rank] = torch.tensor([rows.numel() for rows, _ in grads])
-        dist.all_reduce(counts)
+        dist.all_reduce(counts, group=self.group)
         counts = counts.tolist()  # the one host read: buffer sizes depend on it
         branches = []
         for j, (p, (rows, values)) in enumerate(zip(self.params, grads, strict=True)):
@@ -218,7 +224,7 @@ class SparseGrads:
         n_rows, width = p.shape[0], values.shape[1]
         table = self._buffer(p, n_rows * width, values.dtype).view(n_rows, width)
         table.zero_().index_copy_(0, rows, values)
-        dist.all_reduce(table)
+        dist.all_reduce(table, group=self.group)
         if self._exact(table):
             union = table.ne(0).any(1).nonzero().squeeze(1)
             return union, table.index_select(0, union)
@@ -230,7 +236,7 @@ class SparseGrads:
         """Each rank's chunk is a (longest, width + 1) matrix: its value rows, and in the last
         column their row ids (integer bits in the float buffer: exact for any table size);
         padding rows are zeros at row 0."""
-        world, width, n_rows = dist.get_world_size(), values.shape[1], p.shape[0]
+        world, width, n_rows = dist.get_world_size(self.group), values.shape[1], p.shape[0]
         chunk = longest * (width + 1)
         buf = self._buffer(p, (world + 1) * chunk, values.dtype)
         local, flat_out = buf[:chunk].view(longest, width + 1), buf[chunk:]
@@ -239,7 +245,7 @@ class SparseGrads:
         local[:n, :width] = values
         local[n:] = 0  # zero bits: id 0, zero values
         local[:n, width].view(id_dtype).copy_(rows)
-        _all_gather_flat(flat_out, local.view(-1))
+        _all_gather_flat(flat_out, local.view(-1), group=self.group)
         out = flat_out.view(world * longest, width + 1)
         ids = out[:, width].view(id_dtype).long()
         union = touched_rows(ids, n_rows, exact=self._exact(ids))

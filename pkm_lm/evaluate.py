@@ -8,6 +8,7 @@ prints the result and appends an ``{"kind": "eval", ...}`` record to ``run_dir/m
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 
@@ -43,8 +44,14 @@ def evaluate_split(
     env: DistEnv,
     precision: str,
     desc: str = "eval",
+    lockstep: int = 1,
 ) -> dict:
-    """One pass over ``tokens`` split across ranks: loss, ppl, tokens/s and memory metrics."""
+    """One pass over ``tokens`` split across ranks: loss, ppl, tokens/s and memory metrics.
+
+    ``lockstep``: the ranks of each group of this many consecutive ranks run the same number of
+    forwards (a value table split over them is read by all of them together): those with fewer
+    batches run empty ones.
+    """
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros(2, dtype=torch.float64, device=env.device)  # [sum loss, n targets]
@@ -52,6 +59,15 @@ def evaluate_split(
     timed_tokens, start = 0, None
     n_batches = math.ceil(max(len(tokens) - 1, 0) / seq_len / batch_size)
     batches = eval_batches(tokens, seq_len, batch_size, env.rank, env.world_size)
+    if lockstep > 1:
+        first = env.rank - env.rank % lockstep  # the group's first rank gets the most batches
+        n_targets = max(len(tokens) - 1, 0)  # eval_batches' batches: full chunks, then the rest
+        total = -(-(n_targets // seq_len) // batch_size) + int(n_targets % seq_len > 0)
+        empty = torch.empty(0, seq_len + 1, dtype=torch.long)
+        batches = itertools.islice(
+            itertools.chain(batches, itertools.repeat(empty)),
+            len(range(first, total, env.world_size)),
+        )
     show = None if env.is_main else True
     with memory_stats(model) as stats:
         for batch in tqdm(

@@ -83,7 +83,9 @@ def build_optimizers(model: nn.Module, values: list[nn.Parameter], cfg: OptimCon
     return Optimizers(base, schedule, value_opt)
 
 
-def clip_gradients(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+def clip_gradients(
+    params: list[nn.Parameter], max_norm: float, split: list[nn.Parameter] = (), group=None
+) -> torch.Tensor:
     """Total gradient norm over ``params`` (sparse value gradients included), clipped to
-    ``max_norm`` unless it is 0."""
-    return clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+    ``max_norm`` unless it is 0; ``split``: value tables split by columns over ``group``."""
+    return clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), split, group)

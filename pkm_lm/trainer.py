@@ -37,6 +37,7 @@ from pkm_lm.distributed import (
 from pkm_lm.errors import invalid
 from pkm_lm.evaluate import evaluate_split
 from pkm_lm.memory.values import dense_gradient_advised
+from pkm_lm.memory_parallel import MemoryParallel, check_memory_parallel
 from pkm_lm.metrics import (
     MetricLogger,
     format_eval_line,
@@ -108,6 +109,7 @@ class Trainer:
         t = cfg.train
         # Every check that needs the world size or the data happens before any work.
         self.micro_batch, self.accum_steps = t.micro_steps(env.world_size)
+        check_memory_parallel(cfg, env.world_size)
         if data:
             self._check_vocabulary(load_manifest(cfg.data.dir))
         torch.manual_seed(t.seed)  # the same initial weights on every rank
@@ -116,6 +118,10 @@ class Trainer:
             on_model(self.model)
         if env.distributed and cfg.distributed.sync_bn:
             sync_query_batchnorms(self.model.memories)
+        self.parallel = None  # value tables split over ranks (distributed.memory_parallel > 1)
+        if cfg.distributed.memory_parallel > 1:
+            self.parallel = MemoryParallel(cfg.distributed.memory_parallel, env.device)
+            self.parallel.split_(self.model)
         self.optim = build_optimizers(self.model, self.model.value_parameters(), cfg.optim)
         self.scaler = grad_scaler(env.device, t.precision)
         self.progress = Progress()
@@ -136,6 +142,10 @@ class Trainer:
             self._resume()
         sparse = self.model.value_parameters() if cfg.model.memory.sparse_grad else []
         self.sparse_grads = SparseGrads(sparse)
+        self.split = ()  # (split tables, their group): the gradient norm sums over the group
+        if self.parallel is not None:  # split tables: left out of DDP, averaged by their rule
+            self.sparse_grads = self.parallel.grad_sync(cfg.model.memory.sparse_grad)
+            sparse, self.split = self.parallel.tables, (self.parallel.tables, self.parallel.group)
         if t.compile:  # in place: parameter names and checkpoints stay the eager model's
             compile_blocks(self.model)
         self.ddp = self.model
@@ -176,6 +186,8 @@ class Trainer:
         # On the CPU: RNG states must stay there; load_state_dict moves the rest to the device.
         state = load_checkpoint(path, mmap=self.env.device.type != "cpu")
         changes = self.cfg.check_resumable(state["config"], str(path))
+        if self.parallel is not None:  # checkpoints hold whole tables
+            self.parallel.split_state_(state, self.optim.values)
         for key, part in self._stateful().items():
             if key == "scaler" and not state[key]:
                 continue  # trained without fp16 (a disabled scaler saves {}): a fresh scale
@@ -194,9 +206,12 @@ class Trainer:
 
     def _save(self) -> None:
         rng = all_gather_objects(_rng_state(self.env.device))
+        whole = self.parallel.whole_tables(self.optim.values) if self.parallel else None
         if not self.env.is_main:
             return
         state = {key: part.state_dict() for key, part in self._stateful().items()}
+        if whole is not None:
+            self.parallel.put_whole_(state, whole)
         # Progress at the top level: readers of the file (evaluate, export) use "step".
         state.update(self.progress.state_dict())
         state["rng"] = rng
@@ -323,7 +338,7 @@ class Trainer:
         self.sparse_grads.all_reduce_()
         for opt in self.optim.all:
             self.scaler.unscale_(opt)
-        grad_norm = clip_gradients(self.params, self.cfg.optim.clip_norm)
+        grad_norm = clip_gradients(self.params, self.cfg.optim.clip_norm, *self.split)
         # The step's one host read: every optimizer takes or skips the step together (an fp16
         # overflow in one table's gradients skips all; in fp32/bf16 a non-finite norm means
         # divergence). The gradients are unscaled already, so the optimizers step directly;
@@ -379,6 +394,7 @@ class Trainer:
             self.env,
             t.precision,
             "valid",
+            lockstep=self.cfg.distributed.memory_parallel,
         )
         if self.env.is_main:
             record = {

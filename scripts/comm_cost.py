@@ -52,52 +52,98 @@ class Shapes:
     touched_step: float  # ... all micro-steps of one rank (the accumulated gradient)
     grad_rows: int  # rows of that gradient on a GPU: min(reads, |K|), padded with zero rows
     accum: int
+    layers: int = 1  # memory layers (several may read one shared table)
+    tokens: int = 0  # tokens of one rank's micro-step
+    reads: int = 0  # reads per token and memory layer: heads x knn
 
 
 def expected_distinct(reads: float, slots: int) -> float:
     return slots * -math.expm1(reads * math.log1p(-1.0 / slots))
 
 
-def shapes(cfg: TrainConfig, world: int) -> Shapes:
+def shapes(cfg: TrainConfig, world: int, size: int = 1) -> Shapes:
+    """``size``: ranks per memory-parallel group; a rank reads its columns for the whole
+    group's tokens, so its table gradient covers the rows the group touches."""
     model = build_model(cfg.model, "meta")
     micro, accum = cfg.train.micro_steps(world)
     mem = cfg.model.memory
-    tables = len(cfg.model.memory_layers)
     width = mem.v_dim or cfg.model.dim
-    reads = micro * cfg.data.seq_len * mem.heads * mem.knn
+    layers = len(cfg.model.memory_layers)
+    tokens = micro * cfg.data.seq_len
+    tables = model.value_parameters()
+    # Reads of one table by one rank per micro-step (a shared table is read by every layer).
+    reads = tokens * mem.heads * mem.knn * layers // len(tables) * size
     return Shapes(
         params=model.num_params(),
-        values=sum(p.numel() for p in model.value_parameters()),
+        values=sum(p.numel() for p in tables),
         rows=mem.n_slots,
         width=width,
-        tables=tables,
+        tables=len(tables),
         touched_micro=expected_distinct(reads, mem.n_slots),
         touched_step=expected_distinct(reads * accum, mem.n_slots),
         grad_rows=min(reads * accum, mem.n_slots),
         accum=accum,
+        layers=layers,
+        tokens=tokens,
+        reads=mem.heads * mem.knn,
     )
 
 
-def rows_for(s: Shapes, world: int) -> list[tuple[str, float, float, float]]:
-    """(mode, memory excluding activations, of which value-sync buffers, bytes sent) per rank."""
+def ring(world: int) -> float:
+    """Bytes a rank sends per byte all-reduced over ``world`` ranks (ring)."""
+    return 2 * (world - 1) / world
+
+
+def split_read(s: Shapes, size: int) -> tuple[float, float]:
+    """(bytes held from forward to backward, bytes sent per step) of the memory-parallel reads
+    of one rank: the group's indices and weights all-gathered, this rank's columns of the
+    group's tokens, the columns' all-to-all there and back, the weight gradients'
+    reduce-scatter; every memory layer, every micro-step."""
+    if size == 1:
+        return 0.0, 0.0
+    gathered = size * s.tokens * s.reads * (INDEX + FLOAT)
+    held = s.layers * (gathered + s.tokens * s.width * FLOAT)
+    per_read = (
+        (size - 1)
+        * s.tokens
+        * (s.reads * (INDEX + FLOAT) + 2 * s.width // size * FLOAT + s.reads * FLOAT)
+    )
+    return held, s.accum * s.layers * per_read
+
+
+def rows_for(s: Shapes, world: int, size: int = 1) -> list[tuple[str, float, float, float]]:
+    """(mode, memory excluding activations, of which value-sync buffers, bytes sent) per rank;
+    ``size``: ranks per memory-parallel group (each holds width / size columns of each table,
+    averaged over the world / size ranks that hold the same columns)."""
+    replicas, part = world // size, s.width // size
+    split = s.tables * s.rows * part  # this rank's values
     dense = s.params - s.values
-    ring = 2 * (world - 1) / world
-    common = 3 * s.params * FLOAT  # fp32 weights + Adam's two moments (dense or lazy)
+    common = 3 * (dense + split) * FLOAT  # fp32 weights + Adam's two moments (dense or lazy)
+    read_held, read_sent = split_read(s, size)
     out = []
     # Dense value gradients: one more table in DDP's buckets, all-reduced with the rest.
-    out.append(("dense grad", common + s.params * FLOAT, 0.0, ring * s.params * FLOAT))
+    out.append(
+        (
+            "dense grad",
+            common + (dense + split) * FLOAT + read_held,
+            0.0,
+            ring(world) * dense * FLOAT + ring(replicas) * split * FLOAT + read_sent,
+        )
+    )
     # Sparse: the accumulated gradient (rows touched by this rank) + LazyAdam's scratch rows.
-    row = s.width * FLOAT + INDEX
+    row = part * FLOAT + INDEX
     sparse_grad = s.tables * s.grad_rows * row
-    scratch = s.tables * 2 * s.grad_rows * s.width * FLOAT
-    base = common + dense * FLOAT + sparse_grad + scratch
-    dense_branch = s.tables * s.rows * s.width * FLOAT  # handed over as the gradient itself
-    chunk = s.grad_rows * (s.width + 1) * FLOAT  # ids share the values' buffer
-    gather_branch = s.tables * (world + 1) * chunk
-    union = s.tables * min(world * s.grad_rows, s.rows) * s.width * FLOAT  # merged rows
-    picks_dense = world * s.grad_rows >= SparseGrads([]).dense_fraction * s.rows
-    dense_sent = ring * dense * FLOAT + s.tables * ring * s.rows * s.width * FLOAT
-    gather_sent = ring * dense * FLOAT + s.tables * (world - 1) * chunk
+    scratch = s.tables * 2 * s.grad_rows * part * FLOAT
+    base = common + dense * FLOAT + sparse_grad + scratch + read_held
+    averaged = replicas > 1  # with one group, nothing is averaged and no buffer is held
+    dense_branch = averaged * s.tables * s.rows * part * FLOAT  # handed over as the gradient
+    chunk = s.grad_rows * (part + 1) * FLOAT  # ids share the values' buffer
+    gather_branch = averaged * s.tables * (replicas + 1) * chunk
+    union = averaged * s.tables * min(replicas * s.grad_rows, s.rows) * part * FLOAT  # merged
+    picks_dense = replicas * s.grad_rows >= SparseGrads([]).dense_fraction * s.rows
+    sent = ring(world) * dense * FLOAT + read_sent
+    dense_sent = sent + s.tables * ring(replicas) * s.rows * part * FLOAT
+    gather_sent = sent + s.tables * (replicas - 1) * chunk
     mark = {True: " *", False: ""}
     out.append(
         (
@@ -118,38 +164,97 @@ def rows_for(s: Shapes, world: int) -> list[tuple[str, float, float, float]]:
     return out
 
 
+def building_peak(s: Shapes, size: int) -> float:
+    """Bytes on a rank while the model is built: every table whole (the initialisation is that
+    of one process), then each split in turn into a copy of this rank's columns."""
+    return (s.params + (size > 1) * s.rows * (s.width // size)) * FLOAT
+
+
 @cli.main
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--experiments", nargs="+", default=["12L_1mem", "memsize_1M"])
-    p.add_argument("--world", type=int, default=8, help="data-parallel ranks")
+    p.add_argument("--world", type=int, nargs="+", default=[8], help="ranks (one table each)")
     p.add_argument("--vocab", type=int, default=60000, help="token embedding rows (the corpus')")
+    p.add_argument(
+        "--memory-parallel",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="distributed.memory_parallel values: one table of every N and ranks instead",
+    )
+    p.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="overrides of every experiment, e.g. model.dim=1600 model.memory.n_keys=4096",
+    )
     args = p.parse_args()
     register_configs()
-    print(f"{args.world} ranks, vocabulary {args.vocab:,}, fp32 master weights; GB = 1e9 bytes\n")
+    with initialize_config_dir(str(CONFIGS), version_base=None):
+        configs = {}
+        for name in args.experiments:
+            overrides = [f"+experiment={name}", f"model.vocab_size={args.vocab}", *args.set]
+            configs[" ".join([name, *args.set])] = to_train_config(compose("train", overrides))
+    if args.memory_parallel:
+        print_split_table(configs, args.world, args.memory_parallel, args.vocab)
+        return
+    for world in args.world:
+        print_table(configs, world, args.vocab)
+
+
+def print_table(configs: dict[str, TrainConfig], world: int, vocab: int) -> None:
+    print(f"{world} ranks, vocabulary {vocab:,}, fp32 master weights; GB = 1e9 bytes\n")
     print(
         "| experiment | value gradient | rows touched per rank and step (share of the table) | "
         "memory per rank w/o activations | of which value-sync buffers | sent per rank and step |"
     )
     print("|---|---|---|---|---|---|")
-    with initialize_config_dir(str(CONFIGS), version_base=None):
-        for name in args.experiments:
-            dcfg = compose("train", [f"+experiment={name}", f"model.vocab_size={args.vocab}"])
-            cfg = to_train_config(dcfg)
-            s = shapes(cfg, args.world)
-            touched = (
-                f"{s.touched_step:,.0f} ({s.touched_step / s.rows:.0%}; one micro-step of "
-                f"{s.accum}: {s.touched_micro / s.rows:.0%})"
+    for name, cfg in configs.items():
+        s = shapes(cfg, world)
+        touched = (
+            f"{s.touched_step:,.0f} ({s.touched_step / s.rows:.0%}; one micro-step of "
+            f"{s.accum}: {s.touched_micro / s.rows:.0%})"
+        )
+        for mode, memory, buffers, sent in rows_for(s, world):
+            print(
+                f"| {name} | {mode} | {touched} | {memory / GB:.1f} GB | "
+                f"{buffers / GB:.2f} GB | {sent / GB:.2f} GB |"
             )
-            for mode, memory, buffers, sent in rows_for(s, args.world):
-                print(
-                    f"| {name} | {mode} | {touched} | {memory / GB:.1f} GB | "
-                    f"{buffers / GB:.2f} GB | {sent / GB:.2f} GB |"
-                )
     print(
         "\n\\* the branch SparseGrads picks (dense once world x longest >= |K|). The all-gather "
-        f"of every touched row would hold {args.world + 1} x the rows per rank."
+        f"of every touched row would hold {world + 1} x the rows per rank."
     )
+
+
+def print_split_table(configs: dict[str, TrainConfig], worlds, sizes, vocab: int) -> None:
+    """Each experiment, world and N: the dense value gradient and the sparse one (the branch
+    SparseGrads picks), per rank."""
+    print(f"vocabulary {vocab:,}, fp32 master weights; GB = 1e9 bytes\n")
+    print(
+        "| experiment | ranks | N | value gradient | memory per rank w/o activations | "
+        "of which value tables, gradients, optimizer state | of which read buffers | "
+        "peak while building | sent per rank and step |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, cfg in configs.items():
+        for world in worlds:
+            for size in sizes:
+                if world % size:
+                    continue
+                s = shapes(cfg, world, size)
+                read, _ = split_read(s, size)
+                rest = 4 * (s.params - s.values) * FLOAT  # weights, gradients, Adam moments
+                for mode, memory, _, sent in rows_for(s, world, size):
+                    if mode.startswith("sparse") and not mode.endswith("*"):
+                        continue  # the branch SparseGrads does not pick
+                    tables = memory - read - rest
+                    print(
+                        f"| {name} | {world} | {size} | {mode.rstrip(' *')} | "
+                        f"{memory / GB:.1f} GB | {tables / GB:.1f} GB | {read / GB:.2f} GB | "
+                        f"{building_peak(s, size) / GB:.1f} GB | {sent / GB:.2f} GB |"
+                    )
 
 
 if __name__ == "__main__":

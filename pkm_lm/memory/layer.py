@@ -97,6 +97,8 @@ class ProductKeyMemory(nn.Module):
         self.value_proj = nn.Linear(v_dim, output_dim) if v_dim != output_dim else None
         self.gate = nn.Linear(input_dim, output_dim, bias=False) if cfg.gated else None
         self.stats: MemoryStats | None = None  # set to collect usage/KL on every forward
+        # value_bag's signature; a table split over ranks is read by a SplitValueRead instead.
+        self.read_values = value_bag
         self.reset_memory_parameters()
 
     @torch.no_grad()
@@ -156,9 +158,9 @@ class ProductKeyMemory(nn.Module):
             self.stats.update(indices.detach(), weights.detach())
         n = x.shape[0]
         with record_function("value_read"):
-            out = value_bag(
-                indices.reshape(n, -1),
-                weights.reshape(n, -1),
+            out = self.read_values(  # explicit widths: n may be 0 (an empty batch)
+                indices.reshape(n, cfg.heads * cfg.knn),
+                weights.reshape(n, cfg.heads * cfg.knn),
                 self.values.weight,
                 cfg.sparse_grad,
                 pick_kernel(cfg.kernel, x.device),

@@ -179,33 +179,50 @@ def sparse_rows(grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @torch.no_grad()
 def clip_grad_norm_(
-    parameters: Iterable[torch.Tensor] | torch.Tensor, max_norm: float
+    parameters: Iterable[torch.Tensor] | torch.Tensor,
+    max_norm: float,
+    split: Iterable[torch.Tensor] = (),
+    group=None,
 ) -> torch.Tensor:
     """Scale gradients so their joint L2 norm is at most max_norm; returns the norm before.
 
     Like torch.nn.utils.clip_grad_norm_, but sparse gradients count too (coalesced first, so
     duplicate rows, e.g. after a DDP all-reduce, are summed before their norm is taken).
+    ``split``: those of ``parameters`` each rank of the process group ``group`` holds a
+    different part of (value tables split by columns): their squares are summed over it.
     """
     if isinstance(parameters, torch.Tensor):
         parameters = [parameters]
     params = [p for p in parameters if p.grad is not None]
-    if not params:
+    split_ids = {id(p) for p in split}
+    if split_ids:  # every rank of the group takes part, with or without gradients
+        import torch.distributed as dist  # only split tables need it
+
+        squares = torch.zeros(2, device=next(iter(split)).device)  # [whole, split] parameters
+        for p in params:
+            squares[int(id(p) in split_ids)] += _grad_norm(p) ** 2
+        dist.all_reduce(squares[1:], group=group)
+        total = squares.sum().sqrt()
+    elif not params:
         return torch.tensor(0.0)
-    norms = []
-    for p in params:
-        if p.grad.is_sparse:
-            rows, values = sparse_rows(p.grad)
-            p.grad = torch.sparse_coo_tensor(
-                rows[None], values, p.grad.shape, is_coalesced=True, check_invariants=False
-            )
-            norms.append(torch.linalg.vector_norm(values, dtype=torch.float32))
-        else:
-            norms.append(torch.linalg.vector_norm(p.grad, dtype=torch.float32))
-    device = norms[0].device
-    total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
+    else:
+        norms = [_grad_norm(p) for p in params]
+        device = norms[0].device
+        total = torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
     scale = torch.clamp(max_norm / (total + 1e-6), max=1.0)
     for p in params:
         # A sparse tensor's own mul_ is ~8x slower on CPU than scaling its values in place.
         grad = p.grad._values() if p.grad.is_sparse else p.grad
         grad.mul_(scale.to(grad.device, grad.dtype))
     return total
+
+
+def _grad_norm(p: torch.Tensor) -> torch.Tensor:
+    """The fp32 L2 norm of ``p.grad``; a sparse one is coalesced first (in place)."""
+    if not p.grad.is_sparse:
+        return torch.linalg.vector_norm(p.grad, dtype=torch.float32)
+    rows, values = sparse_rows(p.grad)
+    p.grad = torch.sparse_coo_tensor(
+        rows[None], values, p.grad.shape, is_coalesced=True, check_invariants=False
+    )
+    return torch.linalg.vector_norm(values, dtype=torch.float32)
