@@ -1,6 +1,7 @@
 """The docs match the repository: the README's memory-layer example runs as written, and every
 relative link in README.md and docs/ points at a file (and heading) that exists."""
 
+import json
 import re
 from fnmatch import fnmatch
 from pathlib import Path
@@ -67,6 +68,32 @@ def test_results_paths_named_exist():
     missing = sorted(f"{page}: {path}" for page, path in named if not (ROOT / path).exists())
     assert not missing, f"no such results path: {missing}"
     assert len({path for _, path in named}) > 10  # the pattern finds what the pages cite
+
+
+def _count(n: int) -> str:
+    """1,799,059 -> 1.80M; 86,795 -> 86.8k; 130,767 -> 131k (as the corpus table writes them)."""
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.3g}k"
+
+
+@pytest.mark.parametrize("corpus", ["books", "sotu", "offline"])
+def test_corpus_table_equals_its_committed_source(corpus):
+    """docs/data.md's corpus table quotes results/data/<corpus>/: bytes, words and documents of
+    each split from documents.json, tokens and the vocabulary from dataset.json."""
+    source = ROOT / "results" / "data" / corpus
+    documents = json.loads((source / "documents.json").read_text())
+    dataset = json.loads((source / "dataset.json").read_text())
+    text = (ROOT / "docs" / "data.md").read_text()
+    row = next(line for line in text.splitlines() if line.startswith(f"| {corpus} "))
+    cells = [c.strip() for c in row.strip("|").split("|")][2:]
+    for split, cell in zip(("train", "valid", "test"), cells, strict=True):
+        info, tokens = documents[split], dataset["splits"][split]["tokens"]
+        expected = [
+            f"{info['bytes'] / 1e6:.2f} MB, {_count(info['words'])} words, ",
+            f" {len(info['documents'])} ",
+            f", {_count(tokens)} tokens",
+        ]
+        assert all(e in cell for e in expected), (corpus, split, cell, expected)
+    assert f"{dataset['vocab_size']:,} for {corpus}" in text  # "vocabulary 7,960 for books, ..."
 
 
 def test_readme_tour_names_every_module_and_script():
