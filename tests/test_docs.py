@@ -96,6 +96,25 @@ def test_corpus_table_equals_its_committed_source(corpus):
     assert f"{dataset['vocab_size']:,} for {corpus}" in text  # "vocabulary 7,960 for books, ..."
 
 
+def test_gpu_estimates_equal_their_committed_source():
+    """docs/reproduction.md's wall-time estimates are the cost model's output in
+    results/gpu/estimate/estimate.log (one JSON line per command)."""
+    log = (ROOT / "results" / "gpu" / "estimate" / "estimate.log").read_text()
+    walls = {}
+    for line in log.splitlines():
+        if line.startswith("{"):
+            rec = json.loads(line)
+            key = (rec["group"], rec["parallel"], rec["assumed"]["tflops"])
+            walls[key] = f"{rec['estimated_wall_s']:.0f} s"
+    rows = [
+        [c.strip() for c in line.strip("|").split("|")]
+        for line in (ROOT / "docs" / "reproduction.md").read_text().splitlines()
+        if re.match(r"\| (headline|table1) \| \d+ \|", line)
+    ]
+    quoted = {(r[0], int(r[3]), tflops): r[i] for r in rows for i, tflops in ((4, 100), (5, 50))}
+    assert len(quoted) == 8 and quoted == walls
+
+
 def test_readme_tour_names_every_module_and_script():
     """A newcomer finds any piece of the system from the README's tour (globs like bench_*.py
     count for what they match)."""
