@@ -54,6 +54,13 @@ def check_memory_parallel(cfg: TrainConfig, world_size: int) -> None:
         f"must divide the value dim {v_dim} (model.memory.v_dim, or model.dim when null)",
     )
     require(bool(model.memory_layers), KEY, size, "needs a memory layer: the model has none")
+    require(
+        not cfg.train.compile,
+        KEY,
+        size,
+        "is not supported with train.compile=true yet (the split read's collectives inside "
+        "compiled blocks are untested): use train.compile=false",
+    )
 
 
 class MemoryParallel:

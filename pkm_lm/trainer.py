@@ -300,7 +300,13 @@ class Trainer:
             f"model: {self.model.param_summary()}, memories at layers "
             f"{cfg.model.memory_layers}; world size {self.env.world_size}, "
             f"{self.accum_steps} micro-step(s) of {self.micro_batch} per rank on "
-            f"{self.env.device}",
+            f"{self.env.device}"
+            + (
+                f"; value tables split by columns over {self.parallel.size} ranks (the counts "
+                "are this rank's)"
+                if self.parallel
+                else ""
+            ),
             flush=True,
         )
         memory = cfg.model.memory

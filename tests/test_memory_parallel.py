@@ -220,8 +220,9 @@ def test_two_processes_at_n2_equal_one_process_and_checkpoints_move_between_n(
         ({}, 3, "distributed.memory_parallel=2 is invalid: must divide the world size 3"),
         ({"model.memory.v_dim": 33}, 4, "must divide the value dim 33"),
         ({"model.memory.layers": []}, 2, "needs a memory layer"),
+        ({"train.compile": True}, 2, "not supported with train.compile=true"),
     ],
-    ids=["world-size", "value-dim", "no-memory"],
+    ids=["world-size", "value-dim", "no-memory", "compile"],
 )
 def test_bad_settings_are_refused_before_any_work(tmp_path, overrides, world, message):
     """The trainer refuses them first: before it reads the data (none exists here) or builds
