@@ -75,6 +75,8 @@ ConfigStore.instance().store(name="base_finetune", node=FinetuneConfig)
 
 def finetune_config(fcfg: FinetuneConfig) -> TrainConfig:
     """The pretrained run's config with ``out_dir`` as its run_dir and the overrides applied."""
+    if fcfg.data.dir is None:
+        raise ConfigError("data.dir is missing: the new data, preprocessed with vocab_from=")
     changes = {"run_dir": fcfg.out_dir}
     for part in ("data", "train", "optim"):
         changes[part] = {k: v for k, v in asdict(getattr(fcfg, part)).items() if v is not None}
