@@ -143,17 +143,21 @@ class MemoryParallel:
     def _mine(self, whole: torch.Tensor) -> torch.Tensor:
         return whole[:, self.columns(whole.shape[1])].contiguous()
 
-    def whole(self, part: torch.Tensor) -> torch.Tensor:
+    def whole(self, part: torch.Tensor) -> torch.Tensor | None:
         """The whole table of which every rank of the group holds ``part``'s columns, on the
-        CPU, in blocks of rows."""
+        CPU of the group's first rank (None on the others), gathered in blocks of rows."""
         rows, width = part.shape
-        whole = torch.empty(rows, width * self.size, dtype=part.dtype)
+        mine = self.index == 0
+        whole = torch.empty(rows, width * self.size, dtype=part.dtype) if mine else None
         step = max(1, _GATHER_BLOCK // (width * self.size))
         for start in range(0, rows, step):
             block = part[start : start + step]
             parts = self.read.gather(block)
-            n = block.shape[0]
-            whole[start : start + n] = parts.view(self.size, n, width).transpose(0, 1).flatten(1)
+            if mine:
+                n = block.shape[0]
+                whole[start : start + n] = (
+                    parts.view(self.size, n, width).transpose(0, 1).flatten(1)
+                )
         return whole
 
 
