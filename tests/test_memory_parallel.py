@@ -276,3 +276,38 @@ def test_bad_settings_are_refused_before_any_work(tmp_path, overrides, world, me
     assert not (tmp_path / "run").exists()
     with pytest.raises(ConfigError, match="distributed.memory_parallel=0 is invalid"):
         OmegaConf.to_object(OmegaConf.merge(cfg, {"distributed": {"memory_parallel": 0}}))
+
+
+def test_comm_cost_counts_a_split_table_once_per_group_and_its_reads(monkeypatch):
+    """scripts/comm_cost.py against the counts by hand for one table of 64 x 16 values beside
+    1,000 other parameters, 8 ranks, N = 1 and N = 4 (dense value gradient, Adam, fp32)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts/comm_cost.py"
+    spec = importlib.util.spec_from_file_location("comm_cost", path)
+    comm_cost = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "comm_cost", comm_cost)  # its dataclass looks itself up
+    spec.loader.exec_module(comm_cost)
+    rows, width, other, tokens, reads = 64, 16, 1000, 10, 4
+    s = comm_cost.Shapes(params=other + rows * width, values=rows * width, rows=rows, width=width,
+                         tables=1, touched_micro=0, touched_step=0, grad_rows=rows, accum=2,
+                         layers=1, tokens=tokens, reads=reads)  # fmt: skip
+    whole = comm_cost.rows_for(s, 8, 1)[0]
+    assert whole[1] == 4 * (other + rows * width) * 4  # weights, gradient, two moments
+    assert whole[3] == pytest.approx(2 * 7 / 8 * (other + rows * width) * 4)  # one all-reduce
+    mode, memory, _, sent = comm_cost.rows_for(s, 8, 4)[0]
+    # Held until the backward: the group's 4 x 10 tokens' indices (8 bytes) and weights (4), and
+    # the group's columns of them (40 tokens x 4 columns).
+    held = 4 * tokens * reads * 12 + 4 * tokens * (width // 4) * 4
+    assert memory == 4 * (other + rows * width // 4) * 4 + held
+    # Per micro-step (2): an all-gather sending 3 blocks of (indices, weights), the columns'
+    # all-to-all out and back (3 of 4 blocks of 10 x 4 values each way), a reduce-scatter
+    # sending 3 blocks of 10 x 4 weight gradients; the table averaged over 2 ranks.
+    read = 2 * (
+        3 * tokens * reads * 12 + 2 * 3 * tokens * (width // 4) * 4 + 3 * tokens * reads * 4
+    )
+    averaging = 2 * 1 / 2 * rows * width // 4 * 4
+    assert sent == pytest.approx(2 * 7 / 8 * other * 4 + averaging + read)
+    assert comm_cost.building_peak(s, 4) == (other + rows * width + rows * width // 4) * 4
