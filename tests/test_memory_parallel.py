@@ -169,6 +169,14 @@ def losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}
 
 
+def evaluation(run_dir) -> list[float]:
+    """(loss, tokens) of the first validation."""
+    from pkm_lm.metrics import read_metrics
+
+    first = next(r for r in read_metrics(run_dir) if r["kind"] == "eval")
+    return [first["loss"], first["n_tokens"]]
+
+
 def assert_same_state(a: dict, b: dict) -> None:
     """Model and both optimizers' states equal (to float rounding)."""
     for name, tensor in a["model"].items():
@@ -218,6 +226,8 @@ def test_two_processes_at_n2_equal_one_process_and_checkpoints_move_between_n(
     ref = losses(tmp_path / "one")
     for step, loss in losses(tmp_path / "two").items():
         assert loss == pytest.approx(ref[step], rel=1e-5), step
+    # Validation at step 3 split over the ranks (a rank with fewer batches runs empty ones).
+    assert evaluation(tmp_path / "two") == pytest.approx(evaluation(tmp_path / "one"), rel=1e-6)
     saved = load_checkpoint(tmp_path / "two/checkpoints/step_0000003.pt")
     assert_same_state(load_checkpoint(tmp_path / "one/checkpoints/step_0000003.pt"), saved)
     # N = 2 -> N = 1: the two-process run resumed in one process.
