@@ -126,7 +126,7 @@ def sweep(scale: str, seeds: int, parallel: int, runs: Path, out: Path, dry_run:
         for future in [pool.submit(train_job, paths, *job, dry_run) for job in jobs]:
             future.result()
     if not dry_run:
-        write_capacity_report(scale, names, sizes, seeds, paths.run, out)
+        write_capacity_report(scale, names, sizes, seeds, paths, out)
 
 
 @cli.main

@@ -40,8 +40,8 @@ def seed_values(records: list[dict | None], get: Callable[[dict], float]) -> lis
 
 
 def fmt_small(values: list[float]) -> str:
-    """'1.23e-03' or '1.23e-03 +- 2.0e-04' (bits per parameter)."""
-    if not values:
+    """'1.23e-03' or '1.23e-03 +- 2.0e-04' (bits per parameter); '-' for none (no memory)."""
+    if not values or None in values:
         return "-"
     if len(values) == 1:
         return f"{values[0]:.2e}"
@@ -52,14 +52,17 @@ def percent(values: list[float]) -> str:
     return fmt_values([100 * v for v in values]) + ("%" if values else "")
 
 
-def capacity_rows(names, sizes, seeds: int, run: Callable[[str, int, int], Path]) -> tuple:
-    """(markdown rows, claim rows, {name: [(people, accuracies, bits)]}) of the capacity group."""
+def capacity_rows(names, sizes, seeds: int, paths) -> tuple:
+    """(markdown rows, claim rows, {name: [(people, accuracies, bits)]}) of the capacity group;
+    ``paths``: a ``pkm_lm.capacity.Paths``."""
     rows, claims, curves = [], [], {n: [] for n in names}
     for people in sizes:
         bits_by_name = {}
+        own = paths.raw(people) / FACTS_JSON
         for name in names:
-            held = [facts_record(run(name, people, s), "heldout") for s in range(seeds)]
-            train = [facts_record(run(name, people, s), "train") for s in range(seeds)]
+            dirs = [paths.run(name, people, s) for s in range(seeds)]
+            held = [facts_record(d, "heldout", own) for d in dirs]
+            train = [facts_record(d, "train", own) for d in dirs]
             done = [r for r in held if r is not None]
             if not done:
                 continue
@@ -115,8 +118,8 @@ def plot_capacity(curves: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def write_capacity_report(scale, names, sizes, seeds, run, out: Path) -> Path:
-    rows, claims, curves = capacity_rows(names, sizes, seeds, run)
+def write_capacity_report(scale, names, sizes, seeds, paths, out: Path) -> Path:
+    rows, claims, curves = capacity_rows(names, sizes, seeds, paths)
     out.mkdir(parents=True, exist_ok=True)
     plot_capacity(curves, out / "capacity.png")
     text = "\n".join(
@@ -160,29 +163,37 @@ def write_finetune_report(scale, labels, seeds: int, paths, runs: Path, out: Pat
 
     people = PRETRAINED_PEOPLE[scale]
     new, old = Path(f"{paths.raw(people)}_b") / FACTS_JSON, paths.raw(people) / FACTS_JSON
-    dirs = {"pretrained (before)": [paths.run(PRETRAINED, people, s) for s in range(seeds)]}
+    pretrained = [paths.run(PRETRAINED, people, s) for s in range(seeds)]
+    dirs = {"pretrained (before)": pretrained}
     dirs.update({label: [runs / label / f"seed{s}" for s in range(seeds)] for label in labels})
-    before = [facts_record(d, "heldout", old) for d in dirs["pretrained (before)"]]
-    old_before = statistics.fmean(seed_values(before, lambda r: r["accuracy_overall"]) or [0])
     rows = []
     for label, run_dirs in dirs.items():
-        cells = []
-        for facts in (new, old):
-            for phrasing in ("heldout", "train"):
-                recs = [facts_record(d, phrasing, facts) for d in run_dirs]
-                cells.append(seed_values(recs, lambda r: r["accuracy_overall"]))
-        ppl = [
-            [r["ppl"] for r in read_metrics(d) if r["kind"] == "eval" and r["split"] == OLD_VALID]
-            for d in run_dirs
+        scored = [  # (run, its seed's pretrained run) of the seeds scored to the end
+            (d, p)
+            for d, p in zip(run_dirs, pretrained, strict=True)
+            if any(r["kind"] == "eval" and r["split"] == OLD_VALID for r in read_metrics(d))
         ]
-        ppl = [p[-1] for p in ppl if p]
-        if not ppl:
+        if not scored:
             continue
-        drop = [1 - a / old_before for a in cells[2]] if old_before else []
-        trained = _trained_params(run_dirs[0])
+        cells = [
+            [facts_record(d, phrasing, facts)["accuracy_overall"] for d, _ in scored]
+            for facts in (new, old)
+            for phrasing in ("heldout", "train")
+        ]
+        ppl = [
+            [r["ppl"] for r in read_metrics(d) if r["kind"] == "eval" and r["split"] == OLD_VALID][
+                -1
+            ]
+            for d, _ in scored
+        ]
+        forgetting = "-"
+        if label in labels:  # the drop from the same seed's pretrained model
+            before = [facts_record(p, "heldout", old)["accuracy_overall"] for _, p in scored]
+            forgetting = percent([1 - a / b for a, b in zip(cells[2], before, strict=True)])
         rows.append(
-            f"| {label} | {trained} | {' | '.join(percent(c) for c in cells)} | "
-            f"{percent(drop)} | {fmt_values(ppl)} | {len(ppl)} |"
+            f"| {label} | {_trained_params(run_dirs[0])} | "
+            f"{' | '.join(percent(c) for c in cells)} | {forgetting} | {fmt_values(ppl)} | "
+            f"{len(scored)} |"
         )
     text = "\n".join(
         [
