@@ -89,13 +89,19 @@ class MemoryParallel:
 
     def split_(self, model: nn.Module) -> None:
         """Keep this rank's columns of every value table (a table several memories share is
-        split once) and read them with the group; before the optimizers are built."""
+        split once) and read them with the group; before the optimizers are built.
+
+        The columns pass through host memory: the device never holds a whole table and its
+        columns at once (the build's peak is the whole model, not that plus the columns)."""
         split: dict[int, nn.Parameter] = {}
         for mem in model.memories.values():
             values = mem.values
             if id(values) not in split:
-                whole = values.weight.detach()
-                values.weight = nn.Parameter(whole[:, self.columns(whole.shape[1])].clone())
+                device, width = values.weight.device, values.weight.shape[1]
+                part = values.weight.detach()[:, self.columns(width)].to("cpu", copy=True)
+                values.weight = nn.Parameter(part)  # the whole table is freed here
+                if device.type != "cpu":
+                    values.weight = nn.Parameter(part.to(device))
                 split[id(values)] = values.weight
             mem.read_values = self.read
         self.tables = list(split.values())

@@ -164,10 +164,10 @@ def rows_for(s: Shapes, world: int, size: int = 1) -> list[tuple[str, float, flo
     return out
 
 
-def building_peak(s: Shapes, size: int) -> float:
-    """Bytes on a rank while the model is built: every table whole (the initialisation is that
-    of one process), then each split in turn into a copy of this rank's columns."""
-    return (s.params + (size > 1) * s.rows * (s.width // size)) * FLOAT
+def building_peak(s: Shapes) -> float:
+    """Bytes on a rank's device while the model is built: every table whole (the initialisation
+    is that of one process); a rank's columns of a table pass through host memory."""
+    return s.params * FLOAT
 
 
 @cli.main
@@ -253,7 +253,7 @@ def print_split_table(configs: dict[str, TrainConfig], worlds, sizes, vocab: int
                     print(
                         f"| {name} | {world} | {size} | {mode.rstrip(' *')} | "
                         f"{memory / GB:.1f} GB | {tables / GB:.1f} GB | {read / GB:.2f} GB | "
-                        f"{building_peak(s, size) / GB:.1f} GB | {sent / GB:.2f} GB |"
+                        f"{building_peak(s) / GB:.1f} GB | {sent / GB:.2f} GB |"
                     )
 
 
