@@ -25,6 +25,7 @@ all-reduce 2 (W - 1) / W x size, all-gather (W - 1) x chunk.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ from hydra import compose, initialize_config_dir
 from pkm_lm import cli
 from pkm_lm.config import TrainConfig, register_configs, to_train_config
 from pkm_lm.distributed import SparseGrads
+from pkm_lm.memory_parallel import check_memory_parallel
 from pkm_lm.model import build_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -198,6 +200,11 @@ def main() -> None:
             overrides = [f"+experiment={name}", f"model.vocab_size={args.vocab}", *args.set]
             configs[" ".join([name, *args.set])] = to_train_config(compose("train", overrides))
     if args.memory_parallel:
+        for cfg, world, size in itertools.product(
+            configs.values(), args.world, args.memory_parallel
+        ):
+            cfg.distributed.memory_parallel = size
+            check_memory_parallel(cfg, world)  # the trainer's rule, before any output
         print_split_table(configs, args.world, args.memory_parallel, args.vocab)
         return
     for world in args.world:
@@ -241,8 +248,6 @@ def print_split_table(configs: dict[str, TrainConfig], worlds, sizes, vocab: int
     for name, cfg in configs.items():
         for world in worlds:
             for size in sizes:
-                if world % size:
-                    continue
                 s = shapes(cfg, world, size)
                 read, _ = split_read(s, size)
                 rest = 4 * (s.params - s.values) * FLOAT  # weights, gradients, Adam moments
