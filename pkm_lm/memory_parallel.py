@@ -9,9 +9,10 @@ The split tables are left out of DDP: a rank's gradient of its columns already s
 tokens of its whole memory group, so ``SplitGrads`` sums it over the data group and divides by
 the world size, which is DDP's mean over every rank. Under fp16 the loss scaler of every rank
 still takes the same decision: a split table's gradient can only be non-finite through a
-non-finite output gradient, which also reaches the replicated parameters (DDP shares it). Checkpoints hold whole tables (gathered on
-save, split again on load), so a run resumes under any N, and evaluation, generation and export
-read its checkpoints as those of any other run.
+non-finite output gradient, which also reaches the replicated parameters (DDP shares it).
+
+Checkpoints hold whole tables (gathered on save, split again on load), so a run resumes under
+any N, and evaluation, generation and export read its checkpoints as those of any other run.
 """
 
 from __future__ import annotations
@@ -111,6 +112,7 @@ class MemoryParallel:
         }
 
     def grad_sync(self, sparse: bool) -> SplitGrads:
+        """What averages the split tables' gradients (``sparse``: row-sparse ones)."""
         return SplitGrads(self, sparse)
 
     # -- checkpoints: whole tables ---------------------------------------------------------
@@ -140,10 +142,10 @@ class MemoryParallel:
             state["model"][name] = self._mine(state["model"][name])
         saved = state["optim"]["values"]["state"]
         for i, p in enumerate(_params(value_optim)):
-            whole = torch.Size((p.shape[0], p.shape[1] * self.size))
+            shape = torch.Size((p.shape[0], p.shape[1] * self.size))  # the whole table's
             if i in saved:
                 saved[i] = {
-                    k: self._mine(v) if _is_table(v, whole) else v for k, v in saved[i].items()
+                    k: self._mine(v) if _is_table(v, shape) else v for k, v in saved[i].items()
                 }
 
     def _mine(self, whole: torch.Tensor) -> torch.Tensor:
