@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pkm_lm import cli
 from pkm_lm.capacity import Paths, one_pass_steps, prepare_data, run_command
-from pkm_lm.checkpoint import load_run
+from pkm_lm.checkpoint import load_run, read_run_config
 from pkm_lm.data import open_split
 from pkm_lm.data.corpus import FACTS_JSON
 from pkm_lm.distributed import init_distributed
@@ -35,10 +35,17 @@ TOP_SLOTS = {"cpu": (64, 256, 1024), "gpu": (256, 1024, 4096)}
 OLD_VALID = "valid_old"  # the metrics split of the perplexity on the pretraining valid split
 
 
-def modes(scale: str) -> list[tuple[str, str, int | None]]:
-    """(label, finetune.trainable, finetune.top_slots) of each finetuning."""
-    top = [(f"top_{t}", "top_slots", t) for t in TOP_SLOTS[scale]]
-    return [("all", "all", None), ("memory", "memory", None), *top]
+# The largest top-T again with the values' learning rate times this: a few rows trained at the
+# pretraining's rate barely move (Lin et al. tune the rate per method).
+FAST_VALUES = 10
+
+
+def modes(scale: str) -> list[tuple[str, str, int | None, int]]:
+    """(label, finetune.trainable, finetune.top_slots, value lr multiplier) of each finetuning."""
+    top = [(f"top_{t}", "top_slots", t, 1) for t in TOP_SLOTS[scale]]
+    t = TOP_SLOTS[scale][-1]
+    fast = (f"top_{t}_lr{FAST_VALUES}x", "top_slots", t, FAST_VALUES)
+    return [("all", "all", None, 1), ("memory", "memory", None, 1), *top, fast]
 
 
 def score(run_dir: Path, new_raw: Path, old_raw: Path, old_data: Path, dry_run: bool) -> None:
@@ -71,7 +78,9 @@ def sweep(scale: str, seeds: int, runs: Path, capacity_runs: Path, out: Path, dr
     for seed in range(seeds):
         pretrained = paths.run(PRETRAINED, people, seed)
         score(pretrained, *scored)
-        for label, trainable, top in modes(scale):
+        trained = (pretrained / "config.yaml").is_file()
+        value_lr = read_run_config(pretrained).optim.value_lr if trained else None
+        for label, trainable, top, lr_scale in modes(scale):
             out_dir = runs / label / f"seed{seed}"
             cmd = [
                 sys.executable, "-m", "pkm_lm.finetune", f"run_dir={pretrained}",
@@ -81,6 +90,9 @@ def sweep(scale: str, seeds: int, runs: Path, capacity_runs: Path, out: Path, dr
             ]  # fmt: skip
             if top is not None:
                 cmd.append(f"finetune.top_slots={top}")
+            if lr_scale != 1:  # a dry run before pretraining names the rule
+                lr = f"{value_lr * lr_scale:g}" if value_lr else f"<pretrained x {lr_scale}>"
+                cmd.append(f"optim.value_lr={lr}")
             run_command(cmd, dry_run, None if dry_run else runs / "logs" / f"{label}_{seed}.log")
             score(out_dir, *scored)
     if not dry_run:

@@ -110,8 +110,11 @@ def plot_capacity(curves: dict, path: Path) -> None:
             ax.errorbar(people, means, yerr=errs, marker="o", capsize=3, label=LABELS[name])
     axes[0].set_ylabel("recall, held-out phrasing (%)")
     axes[1].set_ylabel("knowledge stored (bits)")
+    sizes = sorted({p for points in curves.values() for p, _, _ in points})
     for ax in axes:
         ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(p) for p in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("people in the corpus")
         ax.grid(alpha=0.3)
         ax.legend()
