@@ -46,21 +46,27 @@ class OneTable(nn.Module):
         self.memories = {1: self}
 
 
-# Triton's kernels run on CPU tensors in its interpreter (tests/conftest.py) when CUDA is absent.
-KERNELS = ["torch"] + ["triton"] * (triton_installed() and not torch.cuda.is_available())
+def kernels(device: torch.device) -> list[str]:
+    """The value-read kernels to test: Triton's run on CPU tensors in its interpreter
+    (tests/conftest.py) when CUDA is absent, compiled on CUDA tensors."""
+    triton = triton_installed() and (device.type == "cuda") == torch.cuda.is_available()
+    return ["torch"] + ["triton"] * triton
 
 
-def _read_worker(rank: int, port: int, world: int, size: int, out) -> None:
+def _read_worker(rank: int, port: int, world: int, size: int, backend: str, out) -> None:
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, rank=rank, world_size=world)
     results = []
-    for kernel, sparse in itertools.product(KERNELS, (False, True)):
-        parallel = MemoryParallel(size, torch.device("cpu"))
-        model = OneTable(sparse)
+    for kernel, sparse in itertools.product(kernels(device), (False, True)):
+        parallel = MemoryParallel(size, device)
+        model = OneTable(sparse).to(device)
         parallel.split_(model)
         table = model.values.weight
-        indices, weights, grad_out = rank_reads(rank)
+        indices, weights, grad_out = (t.to(device) for t in rank_reads(rank))
         weights.requires_grad_()
         read = model.read_values(indices, weights, table, sparse, kernel)
         (read * grad_out).sum().backward()
@@ -68,19 +74,16 @@ def _read_worker(rank: int, port: int, world: int, size: int, out) -> None:
         grad = table.grad.to_dense() if sparse else table.grad
         norm = clip_grad_norm_([table], float("inf"), [table], parallel.group)
         columns = parallel.columns(WIDTH)
-        results.append(
-            (read.detach(), weights.grad, grad, (columns.start, columns.stop), float(norm))
-        )
-    out.put((rank, [[t.numpy() if isinstance(t, torch.Tensor) else t for t in r] for r in results]))
+        tensors = [t.detach().cpu().numpy() for t in (read, weights.grad, grad)]
+        results.append((kernel, sparse, *tensors, (columns.start, columns.stop), float(norm)))
+    out.put((rank, results))
     dist.destroy_process_group()
 
 
-def test_split_read_and_gradients_equal_one_process_on_two_groups_of_two():
-    """4 ranks, memory groups {0, 1} and {2, 3}: each rank's output and read-weight gradient are
-    those of the whole table; each table gradient is the mean over all 4 ranks' tokens (the data
-    group sums, the world size divides); the norm is that of the whole table's gradient. Dense
-    and sparse gradients, each value-read kernel."""
-    world, size = 4, 2
+def check_split_read(world: int, size: int, backend: str) -> None:
+    """Each rank's output and read-weight gradient are those of the whole table; each table
+    gradient is the mean over all ranks' tokens (the data group sums, the world size divides);
+    the norm is that of the whole table's gradient. Dense and sparse gradients, each kernel."""
     table = nn.Parameter(whole_table())
     expected = []
     for rank in range(world):
@@ -89,15 +92,33 @@ def test_split_read_and_gradients_equal_one_process_on_two_groups_of_two():
         read = value_bag(indices, weights, table)
         (read * grad_out / world).sum().backward()
         expected.append((read.detach(), weights.grad * world))
-    for rank, results in enumerate(spawn(_read_worker, world, size, nprocs=world)):
-        for case, (read, grad_weights, grad, (start, stop), norm) in enumerate(results[0]):
-            assert (start, stop) == ((rank % size) * 3, (rank % size) * 3 + 3)
-            assert torch.allclose(torch.from_numpy(read), expected[rank][0], atol=1e-6)
-            assert torch.allclose(torch.from_numpy(grad_weights), expected[rank][1], atol=1e-6)
-            assert torch.allclose(torch.from_numpy(grad), table.grad[:, start:stop], atol=1e-6), (
-                list(itertools.product(KERNELS, (False, True)))[case]
+    part = WIDTH // size
+    for rank, (results,) in enumerate(spawn(_read_worker, world, size, backend, nprocs=world)):
+        assert len(results) >= 2
+        for kernel, sparse, read, grad_weights, grad, columns, norm in results:
+            case = f"rank {rank}, kernel {kernel}, sparse {sparse}"
+            start = (rank % size) * part
+            assert columns == (start, start + part), case
+            assert torch.allclose(torch.from_numpy(read), expected[rank][0], atol=1e-6), case
+            assert torch.allclose(torch.from_numpy(grad_weights), expected[rank][1], atol=1e-6), (
+                case
             )
-            assert norm == pytest.approx(table.grad.norm().item(), rel=1e-5)
+            assert torch.allclose(
+                torch.from_numpy(grad), table.grad[:, start : start + part], atol=1e-6
+            ), case
+            assert norm == pytest.approx(table.grad.norm().item(), rel=1e-5), case
+
+
+def test_split_read_and_gradients_equal_one_process_on_two_groups_of_two():
+    """4 gloo ranks, memory groups {0, 1} and {2, 3}, uneven token counts."""
+    check_split_read(4, 2, "gloo")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA devices")
+def test_split_read_and_gradients_on_two_gpus_with_nccl():
+    """2 ranks on 2 GPUs, one memory group (nccl; the token counts travel on a gloo group)."""
+    check_split_read(2, 2, "nccl")
 
 
 # -- the trainer: N = 2 on 2 processes against N = 1 on 1, and checkpoints across N -------------
