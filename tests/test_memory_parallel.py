@@ -222,9 +222,11 @@ def test_two_processes_at_n2_equal_one_process_and_checkpoints_move_between_n(
     tables, optimizer state included); the N = 2 checkpoint resumes in one process and the
     N = 1 checkpoint at N = 2, each giving step 4 of the one-process run.
 
-    One step after each resumption: the ranks' query norm and reads round differently from one
-    process (1e-7), and a later top-k selection may break a near-tie the other way, which moves
-    a read row by a whole update (seen once: 1e-4 after 2 resumed steps at N = 2)."""
+    One step after each resumption: the ranks' synced query norm rounds differently from one
+    process (queries 3e-6 apart), and a later top-k selection may break a near-tie the other way,
+    which moves a read row by a whole update. Measured: at the second step after resuming the
+    N = 1 checkpoint at N = 2, one of 1,024 token-heads selected another slot set (boundary
+    scores 1e-7 apart) and a value row moved 1e-4 from the one-process run."""
     import shutil
 
     from tiny_trainer import build_trainer
