@@ -107,3 +107,8 @@ def test_export_command_errors(run_dir, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert proc.stderr == "error: dtype=fp16 is invalid: must be one of fp32, bf16\n"
+
+
+def test_a_dataset_without_tokenizer_is_a_clear_error(ids_data):
+    with pytest.raises(DataError, match="without a tokenizer"):
+        Vocabulary.load(ids_data)

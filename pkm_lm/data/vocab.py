@@ -6,7 +6,7 @@ import json
 import os
 from pathlib import Path
 
-from pkm_lm.errors import NotFoundError, import_extra
+from pkm_lm.errors import DataError, NotFoundError, import_extra
 
 from . import moses
 from .bpe import BPEApplier, join_bpe, read_vocab
@@ -48,8 +48,13 @@ class Vocabulary:
             manifest = json.loads(exported.read_text(encoding="utf-8"))
         else:
             manifest = load_manifest(data_dir)
-        files = {k: Path(data_dir) / v for k, v in manifest["files"].items()}
         tokenizer = manifest["tokenizer"]
+        if tokenizer is None:
+            raise DataError(
+                f"{data_dir} is a dataset of token ids without a tokenizer: text in and out "
+                "(generate, export) needs a dataset preprocessed from text"
+            )
+        files = {k: Path(data_dir) / v for k, v in manifest["files"].items()}
         if tokenizer == "fastbpe":
             itos = list(SPECIAL) + read_vocab(files["vocab"])
         else:
