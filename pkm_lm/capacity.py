@@ -74,7 +74,9 @@ def prepare_data(paths: Paths, sizes: tuple[int, ...], dry_run: bool, population
             corpus = [py, "-m", "pkm_lm.data.corpus", "facts", f"--people={people}"]
             corpus += [f"--population={population}", f"--repetitions={repetitions}", f"--out={raw}"]
             run_command(corpus, dry_run)
-            prep = [py, "-m", "pkm_lm.preprocess", f"raw_dir={raw}", f"out_dir={data}", "workers=1"]
+            prep = [py, "-m", "pkm_lm.preprocess", f"raw_dir={raw}", f"out_dir={data}"]
+            if paths.scale == "cpu":
+                prep.append("workers=1")  # small corpora, shared cores
             if people != largest or population != "a":
                 prep.append(f"vocab_from={paths.data(largest)}")
             else:

@@ -98,6 +98,13 @@ def check_settings(fcfg: FinetuneConfig, cfg: TrainConfig) -> None:
             f"finetune.trainable={ft.trainable} needs a memory: run_dir={fcfg.run_dir} has none"
         )
     if ft.trainable == "top_slots":
+        require(
+            cfg.distributed.memory_parallel == 1,
+            "finetune.trainable",
+            ft.trainable,
+            f"cannot train rows of a table split over ranks (distributed.memory_parallel="
+            f"{cfg.distributed.memory_parallel}): use memory or all",
+        )
         n_slots = cfg.model.memory.n_keys**2
         require(
             ft.top_slots <= n_slots,

@@ -8,13 +8,13 @@ import torch
 from tiny_trainer import build_trainer
 
 from pkm_lm import recall, slots
-from pkm_lm.checkpoint import latest_checkpoint, load_checkpoint
+from pkm_lm.checkpoint import latest_checkpoint, load_checkpoint, read_run_config
 from pkm_lm.config import ModelConfig
 from pkm_lm.data import Vocabulary, corpus
 from pkm_lm.data.facts import ATTRIBUTES, FactsConfig
 from pkm_lm.data.pipeline import BPEConfig, PreprocessConfig, preprocess
-from pkm_lm.errors import NotFoundError
-from pkm_lm.finetune import FINETUNE_JSON, FinetuneConfig, run_finetune
+from pkm_lm.errors import ConfigError, NotFoundError
+from pkm_lm.finetune import FINETUNE_JSON, FinetuneConfig, check_settings, run_finetune
 from pkm_lm.memory import LazyAdam
 from pkm_lm.metrics import read_metrics
 from pkm_lm.model import build_model
@@ -263,3 +263,20 @@ def test_finetune_top_slots(facts_run, tmp_path):
     cfg.train.max_steps = 8  # resumed: the recorded slots, not a new ranking
     run_finetune(cfg)
     assert json.loads((tmp_path / "ft" / FINETUNE_JSON).read_text()) == saved
+
+
+def test_finetune_settings_are_checked_before_any_work(facts_run, tmp_path):
+    _, data_b, run_dir = facts_run
+    cfg = FinetuneConfig(run_dir=str(run_dir), out_dir=str(tmp_path / "ft"))
+    with pytest.raises(ConfigError, match="^data.dir is missing"):
+        run_finetune(cfg)
+    cfg.data.dir = str(data_b)
+    run_cfg = read_run_config(run_dir)
+    cfg.finetune.top_slots = 5000
+    with pytest.raises(ConfigError, match="must be <= the 1024 slots of a table"):
+        check_settings(cfg, run_cfg)
+    cfg.finetune.top_slots = 10
+    run_cfg.distributed.memory_parallel = 2
+    with pytest.raises(ConfigError, match="cannot train rows of a table split over ranks"):
+        check_settings(cfg, run_cfg)
+    assert not (tmp_path / "ft").exists()
