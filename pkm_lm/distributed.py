@@ -331,7 +331,8 @@ class SyncedBatchNorm1d(nn.BatchNorm1d):
 
 
 def sync_query_batchnorms(memories: dict[int, nn.Module]) -> None:
-    """Swap each memory's query BatchNorm for a synced one (before DDP wraps the model)."""
+    """Swap each memory's query BatchNorm for a synced one (before DDP wraps the model); other
+    query norms (per token) need no synchronisation."""
     for mem in memories.values():
         if isinstance(mem.query_norm, nn.BatchNorm1d) and not isinstance(
             mem.query_norm, SyncedBatchNorm1d
