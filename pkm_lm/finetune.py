@@ -32,7 +32,6 @@ from pkm_lm.config import DataConfig, OptimConfig, TrainConfig, TrainLoopConfig
 from pkm_lm.data import open_split
 from pkm_lm.distributed import cleanup_distributed, init_distributed
 from pkm_lm.errors import ConfigError, NotFoundError, check_choice, check_positive, require
-from pkm_lm.model import TransformerLM
 from pkm_lm.slots import TRAINABLE, Freezer, rank_slots
 from pkm_lm.trainer import Trainer
 
@@ -131,8 +130,9 @@ def prepare(
     hook and a holder filled with (Freezer, slots) when it runs."""
     made: dict = {}
 
-    def hook(model: TransformerLM) -> None:
-        model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    def hook(trainer: Trainer) -> None:
+        trainer.load_weights(load_checkpoint(checkpoint)["model"])
+        model = trainer.model
         slots = None
         if fcfg.finetune.trainable == "top_slots":
             if saved is not None:

@@ -80,8 +80,7 @@ class MemoryParallel:
         if dist.get_backend(self.group) != "gloo":
             counts, _ = dist.new_subgroups(size, backend="gloo")
         self.read = SplitValueRead(self.group, counts)
-        self.tables: list[nn.Parameter] = []
-        self._names: dict[str, nn.Parameter] = {}  # state-dict name -> split table
+        self._model: nn.Module | None = None  # whose tables split_ split
 
     def columns(self, width: int) -> slice:
         """This rank's columns of a table ``width`` values wide."""
@@ -89,27 +88,33 @@ class MemoryParallel:
         return slice(self.index * part, (self.index + 1) * part)
 
     def split_(self, model: nn.Module) -> None:
-        """Keep this rank's columns of every value table (a table several memories share is
-        split once) and read them with the group; before the optimizers are built.
-
-        The columns pass through host memory: the device never holds a whole table and its
-        columns at once (the build's peak is the whole model, not that plus the columns)."""
-        split: dict[int, nn.Parameter] = {}
+        """Give every value table of ``model``, built on the meta device, this rank's columns
+        (a table several memories share is split once), read by the group; the model is then
+        allocated and initialised (``materialize``): no rank ever holds a whole table."""
+        split = set()
         for mem in model.memories.values():
             values = mem.values
-            if id(values) not in split:
-                device, width = values.weight.device, values.weight.shape[1]
-                part = values.weight.detach()[:, self.columns(width)].to("cpu", copy=True)
-                values.weight = nn.Parameter(part)  # the whole table is freed here
-                if device.type != "cpu":
-                    values.weight = nn.Parameter(part.to(device))
-                split[id(values)] = values.weight
+            mem.value_columns = self.columns(values.embedding_dim)  # the whole table's width
             mem.read_values = self.read
-        self.tables = list(split.values())
+            if id(values) in split:
+                continue
+            if values.weight.device.type != "meta":
+                raise ValueError("MemoryParallel.split_ needs a model built on the meta device")
+            values.weight = nn.Parameter(values.weight[:, mem.value_columns].clone())
+            split.add(id(values))
+        self._model = model
+
+    @property
+    def tables(self) -> list[nn.Parameter]:
+        """The split tables, each once; looked up in the model each time, since allocating a
+        model built on the meta device replaces its parameters."""
+        return list(dict.fromkeys(mem.values.weight for mem in self._model.memories.values()))
+
+    def _names(self) -> dict[str, nn.Parameter]:
+        """State-dict name -> split table (a shared table has one name per memory)."""
         ids = {id(p) for p in self.tables}
-        self._names = {
-            name: p for name, p in model.state_dict(keep_vars=True).items() if id(p) in ids
-        }
+        named = self._model.state_dict(keep_vars=True).items()
+        return {name: p for name, p in named if id(p) in ids}
 
     def grad_sync(self, sparse: bool) -> SplitGrads:
         """What averages the split tables' gradients (``sparse``: row-sparse ones)."""
@@ -122,7 +127,7 @@ class MemoryParallel:
         if dist.get_rank() >= self.size:
             return None
         gathered = {id(p): self.whole(p.detach()) for p in self.tables}
-        model = {name: gathered[id(p)] for name, p in self._names.items()}
+        model = {name: gathered[id(p)] for name, p in self._names().items()}
         optim = {}
         for i, p in enumerate(_params(value_optim)):
             state = value_optim.state.get(p, {})
@@ -138,8 +143,7 @@ class MemoryParallel:
 
     def split_state_(self, state: dict, value_optim: torch.optim.Optimizer) -> None:
         """This rank's columns of the whole tables of a loaded checkpoint's ``state``."""
-        for name in self._names:
-            state["model"][name] = self._mine(state["model"][name])
+        self.split_weights_(state["model"])
         saved = state["optim"]["values"]["state"]
         for i, p in enumerate(_params(value_optim)):
             shape = torch.Size((p.shape[0], p.shape[1] * self.size))  # the whole table's
@@ -147,6 +151,11 @@ class MemoryParallel:
                 saved[i] = {
                     k: self._mine(v) if _is_table(v, shape) else v for k, v in saved[i].items()
                 }
+
+    def split_weights_(self, model_state: dict) -> None:
+        """This rank's columns of the whole tables in a model's state dict."""
+        for name in self._names():
+            model_state[name] = self._mine(model_state[name])
 
     def _mine(self, whole: torch.Tensor) -> torch.Tensor:
         return whole[:, self.columns(whole.shape[1])].contiguous()

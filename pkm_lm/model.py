@@ -242,6 +242,12 @@ def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> Transfo
         model = TransformerLM(cfg)
     if torch.device(device).type == "meta":
         return model
+    return materialize(model, device)
+
+
+def materialize(model: TransformerLM, device: torch.device | str) -> TransformerLM:
+    """Allocate a model built on ``meta`` on ``device`` and initialise it (value tables split
+    over ranks on the meta device get only their columns)."""
     model.to_empty(device=device)
     model.init_weights()
     return model

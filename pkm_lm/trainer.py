@@ -47,7 +47,7 @@ from pkm_lm.metrics import (
     safe_ppl,
     truncate_metrics,
 )
-from pkm_lm.model import TransformerLM, build_model
+from pkm_lm.model import build_model, materialize
 from pkm_lm.optim import build_optimizers, clip_gradients
 from pkm_lm.precision import autocast, grad_scaler
 
@@ -100,10 +100,11 @@ class Trainer:
         cfg: TrainConfig,
         env: DistEnv,
         data: bool = True,
-        on_model: Callable[[TransformerLM], None] | None = None,
+        on_model: Callable[[Trainer], None] | None = None,
     ) -> None:
-        """``on_model(model)`` runs on the freshly built model, before the optimisers, the
-        resumption and DDP (finetuning loads pretrained weights and freezes parameters there)."""
+        """``on_model(trainer)`` runs once ``trainer.model`` is built, before the optimisers,
+        the resumption and DDP (finetuning loads pretrained weights and freezes parameters
+        there)."""
         self.cfg, self.env = cfg, env
         self.run_dir = Path(cfg.run_dir)
         t = cfg.train
@@ -113,15 +114,16 @@ class Trainer:
         if data:
             self._check_vocabulary(load_manifest(cfg.data.dir))
         torch.manual_seed(t.seed)  # the same initial weights on every rank
-        self.model = build_model(cfg.model, env.device)
-        if on_model is not None:
-            on_model(self.model)
-        if env.distributed and cfg.distributed.sync_bn:
-            sync_query_batchnorms(self.model.memories)
+        self.model = build_model(cfg.model, "meta")
         self.parallel = None  # value tables split over ranks (distributed.memory_parallel > 1)
         if cfg.distributed.memory_parallel > 1:
             self.parallel = MemoryParallel(cfg.distributed.memory_parallel, env.device)
             self.parallel.split_(self.model)
+        materialize(self.model, env.device)
+        if on_model is not None:
+            on_model(self)
+        if env.distributed and cfg.distributed.sync_bn:
+            sync_query_batchnorms(self.model.memories)
         self.optim = build_optimizers(self.model, self.model.value_parameters(), cfg.optim)
         self.scaler = grad_scaler(env.device, t.precision)
         self.progress = Progress()
@@ -178,6 +180,13 @@ class Trainer:
             "scaler": self.scaler,
             "data": self.stream,
         }
+
+    def load_weights(self, state: dict) -> None:
+        """Load a model state dict with whole value tables (a checkpoint's model), into the
+        columns this rank holds when tables are split over ranks."""
+        if self.parallel is not None:
+            self.parallel.split_weights_(state)
+        self.model.load_state_dict(state)
 
     def _resume(self) -> None:
         path = latest_checkpoint(self.run_dir)

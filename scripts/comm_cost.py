@@ -35,6 +35,7 @@ from hydra import compose, initialize_config_dir
 from pkm_lm import cli
 from pkm_lm.config import TrainConfig, register_configs, to_train_config
 from pkm_lm.distributed import SparseGrads
+from pkm_lm.memory.layer import draw_rows
 from pkm_lm.memory_parallel import check_memory_parallel
 from pkm_lm.model import build_model
 
@@ -166,10 +167,11 @@ def rows_for(s: Shapes, world: int, size: int = 1) -> list[tuple[str, float, flo
     return out
 
 
-def building_peak(s: Shapes) -> float:
-    """Bytes on a rank's device while the model is built: every table whole (the initialisation
-    is that of one process); a rank's columns of a table pass through host memory."""
-    return s.params * FLOAT
+def building_peak(s: Shapes, size: int = 1) -> float:
+    """Bytes on a rank's device while the model is initialised: the model with this rank's
+    columns of each table, and one block of rows of a whole table (``draw_values_``)."""
+    block = min(draw_rows(s.width), s.rows) * s.width
+    return (s.params - s.values + s.values // size + block) * FLOAT
 
 
 @cli.main
@@ -258,7 +260,7 @@ def print_split_table(configs: dict[str, TrainConfig], worlds, sizes, vocab: int
                     print(
                         f"| {name} | {world} | {size} | {mode.rstrip(' *')} | "
                         f"{memory / GB:.1f} GB | {tables / GB:.1f} GB | {read / GB:.2f} GB | "
-                        f"{building_peak(s) / GB:.1f} GB | {sent / GB:.2f} GB |"
+                        f"{building_peak(s, size) / GB:.1f} GB | {sent / GB:.2f} GB |"
                     )
 
 

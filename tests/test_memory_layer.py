@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from pkm_lm.memory import MemoryConfig, ProductKeyMemory
+from pkm_lm.memory import MemoryConfig, ProductKeyMemory, layer
 
 
 def make(n_keys=8, heads=2, knn=4, k_dim=8, dim=12, seed=0, dtype=torch.float64, **kw):
@@ -134,6 +134,26 @@ def test_initialisation_follows_the_reference():
     assert mem.sub_keys.abs().max() <= bound and mem.sub_keys.abs().max() > 0.9 * bound
     std = mem.values.weight.std().item()
     assert abs(std - 64**-0.5) < 0.05 * 64**-0.5
+
+
+def test_value_draw_in_blocks_equals_one_draw_and_splits_into_its_columns(monkeypatch):
+    """draw_values_ in blocks of 16 rows continues the CPU generator as one draw of the whole
+    table does, and ranks drawing their columns of a split table hold that same table."""
+    monkeypatch.setattr(layer, "draw_rows", lambda width: 16)
+    rows, width = 50, 12  # 3 whole blocks and a part
+    torch.manual_seed(3)
+    reference = torch.empty(rows, width).normal_(0.0, width**-0.5)
+    after = torch.rand(1)
+    torch.manual_seed(3)
+    table = torch.empty(rows, width)
+    layer.draw_values_(table, width, slice(0, width))
+    assert torch.equal(table, reference) and torch.equal(torch.rand(1), after)
+    parts = []
+    for rank in range(3):
+        torch.manual_seed(3)
+        parts.append(torch.empty(rows, width // 3))
+        layer.draw_values_(parts[-1], width, slice(rank * 4, rank * 4 + 4))
+    assert torch.equal(torch.cat(parts, 1), reference)
 
 
 def test_query_batchnorm_uses_batch_statistics_in_training_only():

@@ -16,6 +16,28 @@ from .stats import MemoryStats
 from .values import value_bag
 
 
+def draw_rows(width: int) -> int:
+    """Rows of a value table ``width`` values wide drawn at a time when it is initialised: a
+    multiple of 16 and about 2^24 values (64 MB in fp32)."""
+    return max(16, (1 << 24) // width // 16 * 16)
+
+
+def draw_values_(table: torch.Tensor, width: int, columns: slice) -> None:
+    """Fill ``table`` with ``columns`` of a N(0, width^-1/2) table ``width`` values wide, drawn
+    in blocks of rows.
+
+    Every rank of a table split over ranks by columns draws the same whole table, a block at a
+    time, and keeps its columns: the ranks together hold the table one process would draw, and
+    none holds more than its columns and one block. On the CPU a draw of 16 rows or a multiple
+    of them continues the generator as one draw of the whole table does: the values equal it.
+    """
+    rows = draw_rows(width)
+    for start in range(0, table.shape[0], rows):
+        part = table[start : start + rows]
+        block = torch.empty(part.shape[0], width, dtype=table.dtype, device=table.device)
+        part.copy_(block.normal_(0.0, width**-0.5)[:, columns])
+
+
 def make_query_norm(kind: str, heads: int, q_size: int) -> nn.Module | None:
     """The norm of ``q_size = heads * k_dim`` queries that ``MemoryConfig.query_norm`` names.
 
@@ -85,6 +107,9 @@ class ProductKeyMemory(nn.Module):
             self.keys = nn.Parameter(torch.empty(cfg.heads, cfg.n_slots, cfg.k_dim))
         # Read through value_bag, never called; `sparse` tells DDP to expect sparse gradients.
         self.owns_values = values is None
+        # The columns of the whole (n_slots, v_dim) table this module's ``values`` hold: all,
+        # unless the table is split over ranks (pkm_lm.memory_parallel sets them).
+        self.value_columns = slice(0, v_dim)
         if values is None:
             values = nn.Embedding(cfg.n_slots, v_dim, sparse=cfg.sparse_grad)
         self.values = values
@@ -114,7 +139,7 @@ class ProductKeyMemory(nn.Module):
         bound = 1.0 / math.sqrt(keys.shape[-1])
         keys.uniform_(-bound, bound)
         if self.owns_values:
-            self.values.weight.normal_(0.0, self.values.weight.shape[1] ** -0.5)
+            draw_values_(self.values.weight, cfg.v_dim or self.output_dim, self.value_columns)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """(N, input_dim) -> (N, heads, k_dim): the query network, its norm included."""
