@@ -22,7 +22,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pkm_lm.errors import invalid
 from pkm_lm.memory import sparse_rows
-from pkm_lm.memory.values import touched_rows
+from pkm_lm.memory.values import row_sparse, touched_rows
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,7 @@ class SparseGrads:
         for p in self.params:
             if p.grad is not None:
                 rows, values = sparse_rows(p.grad)
-                p.grad = _row_sparse(rows, values, p.shape)
+                p.grad = row_sparse(rows, values, p.shape)
 
     def all_reduce_(self) -> list[str]:
         """Average the gradients over ranks in place; returns the branch each table took."""
@@ -208,7 +208,7 @@ class SparseGrads:
             else:
                 union, summed = self._gather(p, rows, values, longest)
                 branches.append("gather")
-            p.grad = _row_sparse(union, summed.div_(world), p.shape)
+            p.grad = row_sparse(union, summed.div_(world), p.shape)
         return branches
 
     def _exact(self, t: torch.Tensor) -> bool:
@@ -256,12 +256,6 @@ class SparseGrads:
 _ID_DTYPES = {4: torch.int32, 8: torch.int64}  # row ids stored in the values' bits
 # torch 2.13 renamed all_gather_into_tensor; GPU nodes often carry an older build.
 _all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-
-
-def _row_sparse(rows: torch.Tensor, values: torch.Tensor, shape) -> torch.Tensor:
-    return torch.sparse_coo_tensor(
-        rows[None], values, shape, is_coalesced=True, check_invariants=False
-    )
 
 
 class _AllReduceSum(torch.autograd.Function):

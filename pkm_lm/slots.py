@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from pkm_lm.data import eval_batches
+from pkm_lm.memory.values import row_sparse
 from pkm_lm.metrics import memory_stats
 from pkm_lm.model import TransformerLM
 
@@ -133,10 +134,7 @@ class Freezer:
         if g.is_sparse:
             g = g.coalesce()
             rows = keep[g.indices()[0]]
-            p.grad = torch.sparse_coo_tensor(
-                g.indices()[:, rows], g.values()[rows], g.shape, is_coalesced=True,
-                check_invariants=False,
-            )  # fmt: skip
+            p.grad = row_sparse(g.indices()[0, rows], g.values()[rows], g.shape)
         else:
             g.masked_fill_(~keep.unsqueeze(1), 0.0)
 

@@ -12,7 +12,7 @@ import torch
 
 from .config import KERNELS, pick_kernel, triton_installed
 from .cpu_ops import fused_cpu
-from .values import touched_rows
+from .values import row_sparse, touched_rows
 
 
 class LazyAdam(torch.optim.Optimizer):
@@ -222,7 +222,5 @@ def _grad_norm(p: torch.Tensor) -> torch.Tensor:
     if not p.grad.is_sparse:
         return torch.linalg.vector_norm(p.grad, dtype=torch.float32)
     rows, values = sparse_rows(p.grad)
-    p.grad = torch.sparse_coo_tensor(
-        rows[None], values, p.grad.shape, is_coalesced=True, check_invariants=False
-    )
+    p.grad = row_sparse(rows, values, p.grad.shape)
     return torch.linalg.vector_norm(values, dtype=torch.float32)

@@ -62,6 +62,14 @@ _FRESH_ROWS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _HOOKED: WeakIdKeyDictionary = WeakIdKeyDictionary()  # tables whose gradient hook is in place
 
 
+def row_sparse(rows: torch.Tensor, values: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """The row-sparse COO tensor holding ``values`` at ``rows`` (ascending and unique: marked
+    coalesced, unchecked, so no consumer merges its rows again)."""
+    return torch.sparse_coo_tensor(
+        rows[None], values, shape, is_coalesced=True, check_invariants=False
+    )
+
+
 def row_sparse_gradient(table: torch.Tensor, rows: torch.Tensor, grads: torch.Tensor):
     """The (|K|, v) row-sparse gradient holding ``grads`` at ``rows`` (ascending, unique).
 
@@ -71,9 +79,7 @@ def row_sparse_gradient(table: torch.Tensor, rows: torch.Tensor, grads: torch.Te
     is exactly this gradient (not a sum of several).
     """
     _FRESH_ROWS[table] = rows
-    return torch.sparse_coo_tensor(
-        rows[None], grads, table.shape, is_coalesced=True, check_invariants=False
-    )
+    return row_sparse(rows, grads, table.shape)
 
 
 def keep_coalesced(table: torch.Tensor) -> None:
@@ -88,9 +94,7 @@ def _restore_coalesced(table: torch.Tensor) -> None:
         return
     indices = grad._indices()
     if indices.data_ptr() == rows.data_ptr() and indices.shape[1] == rows.shape[0]:
-        table.grad = torch.sparse_coo_tensor(
-            indices, grad._values(), grad.shape, is_coalesced=True, check_invariants=False
-        )
+        table.grad = row_sparse(indices[0], grad._values(), grad.shape)
 
 
 def dense_gradient_advised(reads: int, n_slots: int, device: torch.device) -> bool:
