@@ -3,6 +3,7 @@ processes against one process, and the synced query BatchNorm."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import socket
 
@@ -53,10 +54,9 @@ def backward(p: torch.nn.Parameter, rank: int, micro: int, scale: float = 1.0) -
     (out.square().sum() * scale).backward()
 
 
-def _sparse_worker(rank: int, port: int, dense_fraction: float, micros: int, exact, out) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
+def sparse_gradient(rank: int, dense_fraction: float, micros: int, exact) -> tuple:
+    """This rank's gradient after ``micros`` micro-steps, averaged by ``SparseGrads``: (branches
+    taken, its rows, the dense gradient)."""
     p = table()
     grads = SparseGrads([p], dense_fraction, exact)
     for micro in range(micros):
@@ -64,24 +64,63 @@ def _sparse_worker(rank: int, port: int, dense_fraction: float, micros: int, exa
         if micro > 0:
             grads.compact_()
     branches = grads.all_reduce_()
-    out.put((rank, branches, p.grad._indices()[0].tolist(), p.grad.to_dense().numpy()))
+    return branches, p.grad._indices()[0].tolist(), p.grad.to_dense().numpy()
+
+
+def synced_batchnorm(rank: int, x: torch.Tensor, w: torch.Tensor) -> tuple:
+    """This rank's half of ``x`` through a ``SyncedBatchNorm1d``: (input gradient, affine weight
+    gradient, running mean, running variance)."""
+    torch.manual_seed(0)
+    bn = SyncedBatchNorm1d(x.shape[1])
+    xr = x[rank * 3 : rank * 3 + 3].clone().requires_grad_()
+    (bn(xr) * w[rank * 3 : rank * 3 + 3]).sum().backward()
+    # numpy, not tensors: torch would share their memory with a process that is about to exit
+    tensors = (xr.grad, bn.weight.grad, bn.running_mean, bn.running_var)
+    return tuple(t.detach().numpy() for t in tensors)
+
+
+BRANCHES = [(0.0, "dense"), (float("inf"), "gather")]
+MICRO_STEPS = [(1, None), (3, None), (3, False)]
+
+
+def _worker(rank: int, port: int, x: torch.Tensor, w: torch.Tensor, out) -> None:
+    """Every check's collectives in one process group (each spawn costs seconds of imports)."""
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    sparse = {
+        (dense_fraction, micros, exact): sparse_gradient(rank, dense_fraction, micros, exact)
+        for (dense_fraction, _), (micros, exact) in itertools.product(BRANCHES, MICRO_STEPS)
+    }
+    out.put((rank, sparse, synced_batchnorm(rank, x, w)))
     dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_ranks() -> tuple[torch.Tensor, torch.Tensor, list]:
+    """The BatchNorm's inputs and output weights, and each rank's results of ``_worker``."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
+    return x, w, spawn(_worker, x, w)
 
 
 @pytest.mark.parametrize(
     ("micros", "exact"),
-    [(1, None), (3, None), (3, False)],
+    MICRO_STEPS,
     ids=["one-micro-step", "accumulated", "fixed-size-rows-as-on-gpus"],
 )
-@pytest.mark.parametrize(("dense_fraction", "branch"), [(0.0, "dense"), (float("inf"), "gather")])
-def test_both_branches_equal_the_single_process_gradient(dense_fraction, branch, micros, exact):
+@pytest.mark.parametrize(("dense_fraction", "branch"), BRANCHES)
+def test_both_branches_equal_the_single_process_gradient(
+    two_ranks, dense_fraction, branch, micros, exact
+):
     # One process sees both ranks' reads; the mean over ranks is half their sum.
     ref = table()
     for rank in range(2):
         for micro in range(micros):
             backward(ref, rank, micro, scale=0.5)
     touched = torch.cat([reads(r, m)[0].reshape(-1) for r in range(2) for m in range(micros)])
-    for branches, rows, grad in spawn(_sparse_worker, dense_fraction, micros, exact):
+    for sparse, _ in two_ranks[2]:
+        branches, rows, grad = sparse[(dense_fraction, micros, exact)]
         assert branches == [branch]
         grad = torch.from_numpy(grad)
         assert torch.allclose(grad, ref.grad.to_dense(), atol=1e-6)
@@ -119,33 +158,19 @@ def test_local_ranks_share_the_visible_gpus(monkeypatch):
     assert resolve_device("cpu", 3) == torch.device("cpu")
 
 
-def _synced_bn_worker(rank: int, port: int, x: torch.Tensor, w: torch.Tensor, out) -> None:
-    torch.set_num_threads(1)
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    torch.manual_seed(0)
-    bn = SyncedBatchNorm1d(x.shape[1])
-    xr = x[rank * 3 : rank * 3 + 3].clone().requires_grad_()
-    (bn(xr) * w[rank * 3 : rank * 3 + 3]).sum().backward()
-    # numpy, not tensors: torch would share their memory with a process that is about to exit
-    tensors = (xr.grad, bn.weight.grad, bn.running_mean, bn.running_var)
-    out.put((rank, *(t.detach().numpy() for t in tensors)))
-    dist.destroy_process_group()
-
-
-def test_synced_batchnorm_over_two_ranks_equals_batchnorm_on_the_union():
-    x, w = torch.randn(6, 5), torch.randn(6, 5)
+def test_synced_batchnorm_over_two_ranks_equals_batchnorm_on_the_union(two_ranks):
+    x, w, ranks = two_ranks
     ref = torch.nn.BatchNorm1d(5)
     xg = x.clone().requires_grad_()
     (ref(xg) * w).sum().backward()
-    results = [[None, *(torch.from_numpy(a) for a in r)] for r in spawn(_synced_bn_worker, x, w)]
-    grad_x = torch.cat([r[1] for r in results])
+    results = [[torch.from_numpy(a) for a in bn] for _, bn in ranks]
+    grad_x = torch.cat([r[0] for r in results])
     assert torch.allclose(grad_x, xg.grad, atol=1e-5)
     # Each rank's affine gradient is its share; DDP sums them (and divides by 2 for the mean).
-    assert torch.allclose(results[0][2] + results[1][2], ref.weight.grad, atol=1e-5)
+    assert torch.allclose(results[0][1] + results[1][1], ref.weight.grad, atol=1e-5)
     for r in results:
-        assert torch.allclose(r[3], ref.running_mean, atol=1e-6)
-        assert torch.allclose(r[4], ref.running_var, atol=1e-6)
+        assert torch.allclose(r[2], ref.running_mean, atol=1e-6)
+        assert torch.allclose(r[3], ref.running_var, atol=1e-6)
 
 
 def test_synced_batchnorm_is_plain_batchnorm_in_one_process():
