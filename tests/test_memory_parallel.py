@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,33 +162,94 @@ def first_gradients(trainer) -> dict[str, torch.Tensor]:
     return grads
 
 
-def _train_worker(rank: int, port: int, data, runs: list, overrides: list, out) -> None:
-    """Train each of ``runs`` (run_dir, max_steps, memory_parallel) in turn on 2 gloo ranks;
-    the gradients of the first run's first batch go to a file (a queue's pipe is too small)."""
+def train_run(data, run_dir, overrides: list, steps: int, size: int, grads: bool) -> None:
+    """Train ``run_dir`` to ``steps`` at ``distributed.memory_parallel=size`` (resuming its
+    checkpoint if any); with ``grads``, first save the first batch's gradients to
+    ``grads_RANK.pt`` in it."""
     from tiny_trainer import build_trainer
 
+    trainer = build_trainer(data, "cpu", run_dir, *overrides, f"train.max_steps={steps}",
+                            f"distributed.memory_parallel={size}")  # fmt: skip
+    if grads:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        torch.save(first_gradients(trainer), run_dir / f"grads_{trainer.env.rank}.pt")
+    trainer.fit()
+
+
+def _train_worker(rank: int, port: int, data, runs: list, out) -> None:
+    """Train each of ``runs`` (``train_run``'s arguments after ``data``) in turn on 2 gloo ranks."""
     from pkm_lm.distributed import cleanup_distributed
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE="2")  # fmt: skip
-    grads = None
-    for run_dir, steps, size in runs:
-        trainer = build_trainer(data, "cpu", run_dir, *overrides, f"train.max_steps={steps}",
-                                f"distributed.memory_parallel={size}")  # fmt: skip
-        if grads is None:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            grads = run_dir / f"grads_{rank}.pt"
-            torch.save(first_gradients(trainer), grads)
-        trainer.fit()
-    out.put((rank, grads))
+    for run in runs:
+        train_run(data, *run)
+    out.put((rank,))
     cleanup_distributed()
+
+
+# fp16 autocast and loss scaling at N = 2.
+FP16 = [*STEPS, *VARIANTS["dense-adam-syncbn"], "train.precision=fp16"]
+# Plain DDP (N = 1) with one value table read by the memories of both blocks, its gradient dense
+# (averaged by DDP) or row-sparse (averaged by SparseGrads, left out of DDP).
+SHARED_TABLE = {
+    "dense": [*STEPS, *VARIANTS["dense-adam-syncbn"], "model.memory.layers=[1,2]",
+              "model.memory.share_values=true"],
+    "sparse": [*STEPS, *VARIANTS["sparse-lazyadam-accumulation-shared"]],
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(ids_data, tmp_path_factory) -> dict[str, dict[str, Path]]:
+    """Every training run the comparisons below read: case -> {"one": the one-process run (4
+    steps, saving at 3 and 4), "two": the 2-process run (3 steps), "to_n2": the one-process run's
+    step 3 resumed to step 4 at N = 2}. The one-process runs train here, then every 2-process run
+    in one spawn of 2 gloo ranks (each spawn costs seconds of imports). Where gradients are
+    compared, both runs save their first batch's before training."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("runs")
+    cases = {**{v: [*STEPS, *o] for v, o in VARIANTS.items()}, "fp16": FP16,
+             **{f"shared-{k}": o for k, o in SHARED_TABLE.items()}}  # fmt: skip
+    found, trained, two_process = {}, {}, []
+    for case, overrides in cases.items():
+        grads, size = case != "fp16", 1 if case.startswith("shared") else 2
+        one = trained.get((tuple(overrides), grads))  # the same settings train once
+        if one is None:
+            one = trained[(tuple(overrides), grads)] = root / case / "one"
+            train_run(ids_data, one, overrides, 4, 1, grads)
+        found[case] = {"one": one, "two": root / case / "two"}
+        two_process.append((root / case / "two", overrides, 3, size, grads))
+        if case in VARIANTS:  # the one-process run as it was at step 3, resumed at N = 2
+            to_n2 = found[case]["to_n2"] = root / case / "to_n2"
+            shutil.copytree(one, to_n2)
+            (to_n2 / "checkpoints/step_0000004.pt").unlink()
+            (to_n2 / "checkpoints/step_0000004.json").unlink()
+            two_process.append((to_n2, overrides, 4, 2, False))
+    spawn(_train_worker, ids_data, two_process)
+    return found
+
+
+def assert_first_gradients_equal(one: Path, two: Path) -> None:
+    """Every parameter's gradient on both ranks (split tables: whole on the first rank, None on
+    the others) equals the one process's."""
+    expected = torch.load(one / "grads_0.pt")
+    for rank in range(2):
+        for name, grad in torch.load(two / f"grads_{rank}.pt").items():
+            if grad is not None or rank == 0:
+                assert torch.allclose(grad, expected[name], atol=1e-6), (rank, name)
 
 
 def losses(run_dir) -> dict[int, float]:
     from pkm_lm.metrics import read_metrics
 
     return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}
+
+
+def assert_same_losses(one: Path, two: Path, steps: tuple[int, ...], rel: float) -> None:
+    ref, got = losses(one), losses(two)
+    assert [got[s] for s in steps] == pytest.approx([ref[s] for s in steps], rel=rel)
 
 
 def evaluation(run_dir) -> list[float]:
@@ -213,9 +275,20 @@ def assert_same_state(a: dict, b: dict) -> None:
                     assert value == other, (opt, i, key)
 
 
+def assert_same_step_3(one: Path, two: Path) -> None:
+    """The same 3 losses, the same validation at step 3 (split over the ranks: a rank with fewer
+    batches runs empty ones) and the same step-3 checkpoint."""
+    from pkm_lm.checkpoint import load_checkpoint
+
+    assert_same_losses(one, two, (1, 2, 3), rel=1e-5)
+    assert evaluation(two) == pytest.approx(evaluation(one), rel=1e-6)
+    step_3 = "checkpoints/step_0000003.pt"
+    assert_same_state(load_checkpoint(one / step_3), load_checkpoint(two / step_3))
+
+
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_two_processes_at_n2_equal_one_process_and_checkpoints_move_between_n(
-    ids_data, tmp_path, variant
+    ids_data, runs, variant
 ):
     """One process (N = 1) trains 4 steps, saving at 3 and 4. Two processes at N = 2 give the
     same gradients of every parameter, the same 3 losses and the same step-3 checkpoint (whole
@@ -227,53 +300,38 @@ def test_two_processes_at_n2_equal_one_process_and_checkpoints_move_between_n(
     which moves a read row by a whole update. Measured: at the second step after resuming the
     N = 1 checkpoint at N = 2, one of 1,024 token-heads selected another slot set (boundary
     scores 1e-7 apart) and a value row moved 1e-4 from the one-process run."""
-    import shutil
-
-    from tiny_trainer import build_trainer
-
     from pkm_lm.checkpoint import load_checkpoint
 
-    overrides = [*STEPS, *VARIANTS[variant]]
-    one = build_trainer(ids_data, "cpu", tmp_path / "one", *overrides, "train.max_steps=4")
-    expected_grads = first_gradients(one)
-    one.fit()
-    # The one-process run as it was at step 3, to resume at N = 2.
-    shutil.copytree(tmp_path / "one", tmp_path / "to_n2")
-    (tmp_path / "to_n2/checkpoints/step_0000004.pt").unlink()
-    (tmp_path / "to_n2/checkpoints/step_0000004.json").unlink()
-    runs = [(tmp_path / "two", 3, 2), (tmp_path / "to_n2", 4, 2)]
-    for rank, (path,) in enumerate(spawn(_train_worker, ids_data, runs, overrides)):
-        for name, grad in torch.load(path).items():
-            if grad is not None or rank == 0:
-                assert torch.allclose(grad, expected_grads[name], atol=1e-6), name
-    ref = losses(tmp_path / "one")
-    for step, loss in losses(tmp_path / "two").items():
-        assert loss == pytest.approx(ref[step], rel=1e-5), step
-    # Validation at step 3 split over the ranks (a rank with fewer batches runs empty ones).
-    assert evaluation(tmp_path / "two") == pytest.approx(evaluation(tmp_path / "one"), rel=1e-6)
-    saved = load_checkpoint(tmp_path / "two/checkpoints/step_0000003.pt")
-    assert_same_state(load_checkpoint(tmp_path / "one/checkpoints/step_0000003.pt"), saved)
+    one, two = runs[variant]["one"], runs[variant]["two"]
+    assert_first_gradients_equal(one, two)
+    assert_same_step_3(one, two)
     # N = 2 -> N = 1: the two-process run resumed in one process.
-    build_trainer(ids_data, "cpu", tmp_path / "two", *overrides, "train.max_steps=4").fit()
-    final = load_checkpoint(tmp_path / "one/checkpoints/step_0000004.pt")
-    for run in ("two", "to_n2"):
-        assert losses(tmp_path / run)[4] == pytest.approx(ref[4], rel=1e-5), run
-        assert_same_state(final, load_checkpoint(tmp_path / f"{run}/checkpoints/step_0000004.pt"))
+    train_run(ids_data, two, [*STEPS, *VARIANTS[variant]], 4, 1, False)
+    final = load_checkpoint(one / "checkpoints/step_0000004.pt")
+    for run in (two, runs[variant]["to_n2"]):
+        assert_same_losses(one, run, (4,), rel=1e-5)
+        assert_same_state(final, load_checkpoint(run / "checkpoints/step_0000004.pt"))
 
 
-def test_fp16_autocast_and_loss_scaling_at_n2_follow_one_process(ids_data, tmp_path):
+@pytest.mark.parametrize("gradient", list(SHARED_TABLE))
+def test_a_shared_table_under_ddp_follows_one_process(runs, gradient):
+    """model.memory.share_values=true on 2 processes (N = 1): the shared table's gradient (every
+    parameter's), the losses, the validation and the step-3 weights and optimizer states are the
+    one process's."""
+    one, two = runs[f"shared-{gradient}"]["one"], runs[f"shared-{gradient}"]["two"]
+    assert_first_gradients_equal(one, two)
+    assert_same_step_3(one, two)
+
+
+def test_fp16_autocast_and_loss_scaling_at_n2_follow_one_process(runs):
     """Autocast rounds differently for other batch shapes, so the losses agree to 1e-3 (measured:
     5e-5 over 3 steps, bf16 alike); the loss scale is the one process's."""
-    from tiny_trainer import build_trainer
+    from pkm_lm.checkpoint import load_checkpoint
 
-    from pkm_lm.checkpoint import latest_checkpoint, load_checkpoint
-
-    overrides = [*STEPS, *VARIANTS["dense-adam-syncbn"], "train.precision=fp16"]
-    build_trainer(ids_data, "cpu", tmp_path / "one", *overrides, "train.max_steps=3").fit()
-    spawn(_train_worker, ids_data, [(tmp_path / "two", 3, 2)], overrides)
-    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-    assert [two[s] for s in (1, 2, 3)] == pytest.approx([one[s] for s in (1, 2, 3)], rel=1e-3)
-    scales = [load_checkpoint(latest_checkpoint(tmp_path / r))["scaler"] for r in ("one", "two")]
+    one, two = runs["fp16"]["one"], runs["fp16"]["two"]
+    assert_same_losses(one, two, (1, 2, 3), rel=1e-3)
+    step_3 = "checkpoints/step_0000003.pt"
+    scales = [load_checkpoint(run / step_3)["scaler"] for run in (one, two)]
     assert scales[0]["scale"] == scales[1]["scale"] > 0
 
 
