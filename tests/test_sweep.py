@@ -364,8 +364,11 @@ def test_tiny_group_end_to_end_with_seeds_in_parallel(tmp_path):
     again = sweep(*args)
     assert "pkm_lm.evaluate" not in "".join((runs / "logs" / log).read_text() for log in logs)
     assert again.returncode == 0
-    broken = sweep(*args[:-4], "train.max_steps=3", "model.dim=7", check=False)  # 7 % 4 heads
+    # A group of two experiments, one seed: both jobs fail at once (dim 7 % 4 heads).
+    broken = sweep("plus", "--scale", "tiny", "--parallel", "2", "--data", str(data), "--runs",
+                   str(runs), "--out", str(tmp_path / "out"), "--", "model.dim=7", check=False)  # fmt: skip
     assert broken.returncode == 1 and "a job failed, see its log" in broken.stderr
+    assert f"{runs / 'logs' / registry.experiments('plus', 'tiny')[0]}.log" in broken.stderr
 
 
 def load_script(name: str):
