@@ -1,4 +1,5 @@
-"""The trainer through its real command lines, on a tiny dataset and model (seconds each)."""
+"""The trainer through its real command lines, on a tiny dataset and model (seconds each); the
+runs whose command line is not what a test is about train in the test's process."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_trainer import kill_at_checkpoint
+from tiny_trainer import kill_at_checkpoint, trainer_for
 
 from pkm_lm.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from pkm_lm.metrics import MetricLogger, read_metrics
@@ -61,6 +62,11 @@ def run(args: list[str], check: bool = True, launcher: list[str] | None = None):
 
 def train(*args: str, **kw):
     return run(["-m", "pkm_lm.train", *args], **kw)
+
+
+def train_here(*args: str) -> None:
+    """``python -m pkm_lm.train ARGS``, in this process."""
+    trainer_for(list(args)).fit()
 
 
 def final_state(run_dir: Path) -> dict:
@@ -171,7 +177,7 @@ def test_two_processes_equal_one_on_the_same_global_batch(data_dir, tmp_path, ex
               # noise into lr-sized steps. A larger eps keeps the comparison about the gradients.
               "optim.eps=1e-4", *extra]  # fmt: skip
     one, two = tmp_path / "one", tmp_path / "two"
-    train(*tiny_args(data_dir, one, *common))
+    train_here(*tiny_args(data_dir, one, *common))
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     run(["-m", "pkm_lm.train", *tiny_args(data_dir, two, *common)], launcher=torchrun)
     l1, l2 = train_losses(one), train_losses(two)
@@ -198,7 +204,7 @@ MIXED = ["train.max_steps=4", "train.log_interval=1", "train.eval_interval=4", "
 @pytest.fixture(scope="module")
 def fp32_run(data_dir, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("fp32")
-    train(*tiny_args(data_dir, run_dir, *MIXED))
+    train_here(*tiny_args(data_dir, run_dir, *MIXED))
     return run_dir
 
 
@@ -207,7 +213,7 @@ def test_mixed_precision_steps_on_cpu(data_dir, tmp_path, fp32_run, precision):
     """Autocast computes in low precision (the losses differ from fp32's) and trains as fp32
     does: at a high lr past warmup the loss falls by far more than the difference."""
     run_dir = tmp_path / precision
-    train(*tiny_args(data_dir, run_dir, f"train.precision={precision}", *MIXED))
+    train_here(*tiny_args(data_dir, run_dir, f"train.precision={precision}", *MIXED))
     full, mixed = train_losses(fp32_run), train_losses(run_dir)
     assert [s for s, _ in mixed] == [1, 2, 3, 4]
     assert mixed != full  # autocast changed the arithmetic

@@ -24,12 +24,18 @@ def tiny_args(data: Path, device: str | None, run_dir: Path, *extra: str) -> lis
 
 def build_trainer(data: Path, device: str | None, run_dir: Path, *overrides: str):
     """The trainer as ``python -m pkm_lm.train`` builds it, in this process."""
+    return trainer_for(tiny_args(data, device, run_dir, *overrides))
+
+
+def trainer_for(overrides: list[str]):
+    """The trainer ``python -m pkm_lm.train OVERRIDES`` builds, in this process (no interpreter
+    to start: seconds of imports saved per run)."""
     from hydra import compose, initialize_config_dir
 
     from pkm_lm import train
 
     with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base=None):
-        dcfg = compose("train", overrides=tiny_args(data, device, run_dir, *overrides))
+        dcfg = compose("train", overrides=overrides)
     cfg = train.to_train_config(dcfg)
     return train.Trainer(cfg, train.init_distributed(cfg.distributed.backend, cfg.train.device))
 
