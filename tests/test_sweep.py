@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -77,9 +78,16 @@ def train_overrides(cmd: list[str]) -> list[str]:
     return cmd[cmd.index("pkm_lm.train") + 1 :]
 
 
+@functools.cache
+def grid_commands(group: str, scale: str) -> list[list[str]]:
+    """A group's commands on 2 GPUs with an extra override, printed once for the tests below
+    (every dry run starts bash and Python)."""
+    return dry_run(group, scale, "--gpus", "2", "--", "train.seed=3")
+
+
 @pytest.mark.parametrize(("group", "scale"), GROUP_SCALES)
 def test_dry_run_lists_every_experiment(group, scale):
-    cmds = dry_run(group, scale, "--gpus", "2", "--", "train.seed=3")
+    cmds = grid_commands(group, scale)
     prefix = "" if scale == "paper" else f"{scale}/"
     trains = [c for c in cmds if "pkm_lm.train" in c]
     evals = [c for c in cmds if "pkm_lm.evaluate" in c]
@@ -147,13 +155,14 @@ def test_default_dataset_is_the_one_the_configs_read():
 
 @pytest.fixture(scope="module")
 def composed():
-    """scale -> group -> experiment -> validated TrainConfig, from sweep.sh's own commands."""
+    """scale -> group -> experiment -> validated TrainConfig, from sweep.sh's own commands (those
+    of test_dry_run_lists_every_experiment: its extra override is the seed)."""
     register_configs()
     out = {}
     with initialize_config_dir(str(ROOT / "configs"), version_base=None):
         for group, scale in GROUP_SCALES:
             runs = {}
-            for cmd in dry_run(group, scale):
+            for cmd in grid_commands(group, scale):
                 if "pkm_lm.train" in cmd:
                     overrides = train_overrides(cmd)
                     name = overrides[0].rsplit("/", 1)[-1].removeprefix("+experiment=")
