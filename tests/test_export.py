@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -11,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_trainer import tiny_args
+from tiny_trainer import build_trainer
 
 from pkm_lm.checkpoint import load_run
 from pkm_lm.data import Vocabulary
@@ -32,11 +33,27 @@ def run(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="module")
 def run_dir(corpus, tmp_path_factory) -> Path:
-    """A run with a memory (query BatchNorm statistics included) trained for a few steps."""
+    """A run with a memory (query BatchNorm statistics included) trained for a few steps (in
+    this process: the training command is tested elsewhere)."""
     out = tmp_path_factory.mktemp("export_run")
     steps = ["train.max_steps=4", "train.eval_interval=4", "train.checkpoint_interval=4"]
-    run("-m", "pkm_lm.train", *tiny_args(corpus, "cpu", out, *steps))
+    build_trainer(corpus, "cpu", out, *steps).fit()
     return out
+
+
+@pytest.fixture(scope="module")
+def exported(run_dir, tmp_path_factory):
+    """dtype -> ``run_dir`` exported by ``python -m pkm_lm.export`` in that dtype (fp32: the
+    default, not named), once per dtype (tests must not write into it)."""
+
+    @functools.cache
+    def export(dtype: str) -> Path:
+        out = tmp_path_factory.mktemp("export") / dtype
+        named = [] if dtype == "fp32" else [f"dtype={dtype}"]
+        run("-m", "pkm_lm.export", f"run_dir={run_dir}", f"out_dir={out}", *named)
+        return out
+
+    return export
 
 
 def checkpoint_logits(run_dir: Path, ids: torch.Tensor, dtype: torch.dtype = torch.float32):
@@ -51,9 +68,8 @@ def checkpoint_logits(run_dir: Path, ids: torch.Tensor, dtype: torch.dtype = tor
 @pytest.mark.parametrize(
     ("dtype", "torch_dtype"), [("fp32", torch.float32), ("bf16", torch.bfloat16)]
 )
-def test_exported_model_gives_the_checkpoint_logits(run_dir, corpus, tmp_path, dtype, torch_dtype):
-    out = tmp_path / "export"
-    run("-m", "pkm_lm.export", f"run_dir={run_dir}", f"out_dir={out}", f"dtype={dtype}")
+def test_exported_model_gives_the_checkpoint_logits(run_dir, corpus, exported, dtype, torch_dtype):
+    out = exported(dtype)
     assert sorted(p.name for p in out.iterdir()) == [
         "codes", "config.json", "model.safetensors", "tokenizer.json", "vocab.txt",
     ]  # fmt: skip
@@ -71,9 +87,9 @@ def test_exported_model_gives_the_checkpoint_logits(run_dir, corpus, tmp_path, d
     assert Vocabulary.load(out).itos == Vocabulary.load(corpus).itos
 
 
-def test_truncated_or_mismatched_weights_are_clear_errors(run_dir, tmp_path):
+def test_truncated_or_mismatched_weights_are_clear_errors(exported, tmp_path):
     out = tmp_path / "export"
-    run("-m", "pkm_lm.export", f"run_dir={run_dir}", f"out_dir={out}")
+    shutil.copytree(exported("fp32"), out)
     weights = out / "model.safetensors"
     data = weights.read_bytes()
 
