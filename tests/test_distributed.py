@@ -1,5 +1,6 @@
 """pkm_lm.distributed: device choice, sparse value-gradient averaging (both branches) on 2 gloo
-processes against one process, and the synced query BatchNorm."""
+processes against one process, and the synced query BatchNorm; on the same 2 processes, the
+memory statistics summed over ranks."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from pkm_lm.distributed import SparseGrads, SyncedBatchNorm1d, resolve_device
+from pkm_lm.memory import MemoryStats
 from pkm_lm.memory.values import value_bag
 
 torch.set_num_threads(1)
@@ -79,11 +81,20 @@ def synced_batchnorm(rank: int, x: torch.Tensor, w: torch.Tensor) -> tuple:
     return tuple(t.detach().numpy() for t in tensors)
 
 
+def summed_memory_stats(rank: int, idx: torch.Tensor, w: torch.Tensor) -> tuple:
+    """``MemoryStats`` of this rank's share of the reads (every other token), summed over the
+    ranks: (weights, counts)."""
+    stats = MemoryStats(30)
+    stats.update(idx[rank::2], w[rank::2])
+    stats.all_reduce()
+    return stats.weights.numpy(), stats.counts.numpy()
+
+
 BRANCHES = [(0.0, "dense"), (float("inf"), "gather")]
 MICRO_STEPS = [(1, None), (3, None), (3, False)]
 
 
-def _worker(rank: int, port: int, x: torch.Tensor, w: torch.Tensor, out) -> None:
+def _worker(rank: int, port: int, inputs: dict, out) -> None:
     """Every check's collectives in one process group (each spawn costs seconds of imports)."""
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -92,16 +103,24 @@ def _worker(rank: int, port: int, x: torch.Tensor, w: torch.Tensor, out) -> None
         (dense_fraction, micros, exact): sparse_gradient(rank, dense_fraction, micros, exact)
         for (dense_fraction, _), (micros, exact) in itertools.product(BRANCHES, MICRO_STEPS)
     }
-    out.put((rank, sparse, synced_batchnorm(rank, x, w)))
+    bn, stats = synced_batchnorm(rank, *inputs["bn"]), summed_memory_stats(rank, *inputs["stats"])
+    out.put((rank, sparse, bn, stats))
     dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
-def two_ranks() -> tuple[torch.Tensor, torch.Tensor, list]:
-    """The BatchNorm's inputs and output weights, and each rank's results of ``_worker``."""
+def two_ranks() -> tuple[dict, list]:
+    """The inputs of ``_worker`` (the BatchNorm's inputs and output weights, the statistics'
+    slots and weights), and each rank's results."""
     g = torch.Generator().manual_seed(0)
-    x, w = torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)
-    return x, w, spawn(_worker, x, w)
+    inputs = {
+        "bn": (torch.randn(6, 5, generator=g), torch.randn(6, 5, generator=g)),
+        "stats": (
+            torch.randint(0, 30, (20, 2, 3), generator=g),
+            torch.rand(20, 2, 3, dtype=torch.float64, generator=g),
+        ),
+    }
+    return inputs, spawn(_worker, inputs)
 
 
 @pytest.mark.parametrize(
@@ -119,7 +138,7 @@ def test_both_branches_equal_the_single_process_gradient(
         for micro in range(micros):
             backward(ref, rank, micro, scale=0.5)
     touched = torch.cat([reads(r, m)[0].reshape(-1) for r in range(2) for m in range(micros)])
-    for sparse, _ in two_ranks[2]:
+    for sparse, *_ in two_ranks[1]:
         branches, rows, grad = sparse[(dense_fraction, micros, exact)]
         assert branches == [branch]
         grad = torch.from_numpy(grad)
@@ -159,11 +178,11 @@ def test_local_ranks_share_the_visible_gpus(monkeypatch):
 
 
 def test_synced_batchnorm_over_two_ranks_equals_batchnorm_on_the_union(two_ranks):
-    x, w, ranks = two_ranks
+    (x, w), ranks = two_ranks[0]["bn"], two_ranks[1]
     ref = torch.nn.BatchNorm1d(5)
     xg = x.clone().requires_grad_()
     (ref(xg) * w).sum().backward()
-    results = [[torch.from_numpy(a) for a in bn] for _, bn in ranks]
+    results = [[torch.from_numpy(a) for a in bn] for _, bn, _ in ranks]
     grad_x = torch.cat([r[0] for r in results])
     assert torch.allclose(grad_x, xg.grad, atol=1e-5)
     # Each rank's affine gradient is its share; DDP sums them (and divides by 2 for the mean).
@@ -179,3 +198,13 @@ def test_synced_batchnorm_is_plain_batchnorm_in_one_process():
     x = torch.randn(8, 4)
     assert torch.allclose(bn(x), synced(x))
     assert synced.state_dict().keys() == bn.state_dict().keys()
+
+
+def test_memory_stats_summed_over_two_ranks_equal_one_process(two_ranks):
+    (idx, w), ranks = two_ranks[0]["stats"], two_ranks[1]
+    whole = MemoryStats(30)
+    whole.update(idx, w)
+    for *_, (weights, counts) in ranks:
+        torch.testing.assert_close(torch.from_numpy(weights), whole.weights)
+        torch.testing.assert_close(torch.from_numpy(counts), whole.counts)
+    assert not os.environ.get("RANK"), "the test must not leak distributed state"

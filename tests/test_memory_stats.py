@@ -1,12 +1,10 @@
-"""MemoryStats on hand-made access patterns, merging, and the 2-rank all-reduce."""
+"""MemoryStats on hand-made access patterns and merging (summed over 2 gloo ranks: in
+tests/test_distributed.py, with the other 2-rank checks)."""
 
 import math
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from pkm_lm.memory import MemoryConfig, MemoryStats, ProductKeyMemory
 
@@ -64,25 +62,3 @@ def test_layer_feeds_stats_on_forward():
     assert math.isclose(
         mem.stats.weights.sum().item(), 5 * 2, rel_tol=1e-6
     )  # softmax sums to 1 per head
-
-
-def _rank_main(rank, world, init_file, idx, w, out):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    stats = MemoryStats(30)
-    stats.update(idx[rank::world], w[rank::world])
-    stats.all_reduce()
-    if rank == 0:
-        torch.save({"weights": stats.weights, "counts": stats.counts}, out)
-    dist.destroy_process_group()
-
-
-def test_all_reduce_over_two_gloo_ranks(tmp_path):
-    idx, w = torch.randint(0, 30, (20, 2, 3)), torch.rand(20, 2, 3, dtype=torch.float64)
-    out = tmp_path / "stats.pt"
-    mp.spawn(_rank_main, args=(2, str(tmp_path / "init"), idx, w, str(out)), nprocs=2)
-    whole = MemoryStats(30)
-    whole.update(idx, w)
-    merged = torch.load(out)
-    torch.testing.assert_close(merged["weights"], whole.weights)
-    torch.testing.assert_close(merged["counts"], whole.counts)
-    assert not os.environ.get("RANK"), "the test must not leak distributed state"
