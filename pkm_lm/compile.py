@@ -2,10 +2,10 @@
 
 Each block is compiled on its own (``nn.Module.compile``: parameter names, and so checkpoints,
 stay those of the eager model). The memory's value read stays eager (``value_bag`` runs C++ or
-Triton kernels and keeps a gradient hook: ``torch.compiler.disable`` marks it), and so does its
-per-half sub-key top-k on CPU, whose backward runs C++ bags; on accelerators the sub-key scores,
-top-k, candidate merge and their backward compile with the rest. ``graph_breaks`` lists the
-breaks, for tests and logs.
+Triton kernels and keeps a gradient hook: ``values.eager``, torch.compiler.disable, marks it),
+and so does its per-half sub-key top-k on CPU, whose backward runs C++ bags; on accelerators
+the sub-key scores, top-k, candidate merge and their backward compile with the rest.
+``graph_breaks`` lists the breaks, for tests and logs.
 """
 
 from __future__ import annotations

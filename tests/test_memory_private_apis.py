@@ -83,3 +83,14 @@ def test_dense_gradient_is_advised_off_the_cpu_once_a_step_reads_the_whole_table
     assert dense_gradient_advised(8192 * 128, 512**2, cuda)
     assert not dense_gradient_advised(8192 * 128, 2048**2, cuda)
     assert not dense_gradient_advised(8192 * 128, 512**2, cpu), "exact rows on CPU"
+
+
+def test_importing_the_layer_leaves_torch_compiler_unloaded():
+    """The functions torch.compile must leave eager import torch's compiler (~2 s) on their first
+    call, not when a command that never runs them (a config check) imports the layer."""
+    import subprocess
+    import sys
+
+    code = "import sys, pkm_lm.memory, pkm_lm.config; print('torch._dynamo' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ("False" if hasattr(torch, "_disable_dynamo") else "True")

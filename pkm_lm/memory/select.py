@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .values import row_gradients
+from .values import eager, row_gradients
 
 
 class _HalfTopk(torch.autograd.Function):
@@ -83,7 +83,9 @@ def _half_topk(query, keys, knn: int):
     return _eager_half_topk(query, keys, knn)
 
 
-_eager_half_topk = torch.compiler.disable(_HalfTopk.apply)
+@eager
+def _eager_half_topk(query: torch.Tensor, keys: torch.Tensor, knn: int):
+    return _HalfTopk.apply(query, keys, knn)
 
 
 def candidate_pairs(knn: int) -> torch.Tensor:

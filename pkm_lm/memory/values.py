@@ -19,6 +19,11 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .cpu_ops import fused_cpu
 
+# torch.compiler.disable, importing torch's compiler only when a marked function first runs:
+# the import costs ~2 s, which every command importing the layer (a config check, a table of
+# results) would pay. A private helper of torch's own modules; the public API where it is gone.
+eager = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
+
 # Gradient memory of each value table, owned by the table: an entry dies with its parameter.
 _GRAD_MEMORY: WeakIdKeyDictionary = WeakIdKeyDictionary()
 _GRAD_MEMORY_LOCK = threading.Lock()  # two backward passes must not both take one buffer
@@ -213,7 +218,7 @@ class _ValueBag(torch.autograd.Function):
         return None, grad_weights, grad_table, None
 
 
-@torch.compiler.disable  # C++/Triton kernels and a gradient hook: torch.compile leaves it eager
+@eager  # C++/Triton kernels and a gradient hook: torch.compile leaves it eager
 def value_bag(
     indices: torch.Tensor,
     weights: torch.Tensor,
