@@ -105,6 +105,7 @@ def _worker(rank: int, port: int, inputs: dict, out) -> None:
     }
     bn, stats = synced_batchnorm(rank, *inputs["bn"]), summed_memory_stats(rank, *inputs["stats"])
     out.put((rank, sparse, bn, stats))
+    dist.barrier()  # no rank leaves while the other's last collective is in flight (gloo aborts)
     dist.destroy_process_group()
 
 

@@ -78,6 +78,7 @@ def _read_worker(rank: int, port: int, world: int, size: int, backend: str, out)
         tensors = [t.detach().cpu().numpy() for t in (read, weights.grad, grad)]
         results.append((kernel, sparse, *tensors, (columns.start, columns.stop), float(norm)))
     out.put((rank, results))
+    dist.barrier()  # no rank leaves while the other's last collective is in flight (gloo aborts)
     dist.destroy_process_group()
 
 
@@ -186,6 +187,7 @@ def _train_worker(rank: int, port: int, data, runs: list, out) -> None:
     for run in runs:
         train_run(data, *run)
     out.put((rank,))
+    dist.barrier()  # no rank leaves while the other's last collective is in flight (gloo aborts)
     cleanup_distributed()
 
 
