@@ -139,7 +139,7 @@ class ProductKeyMemory(nn.Module):
         bound = 1.0 / math.sqrt(keys.shape[-1])
         keys.uniform_(-bound, bound)
         if self.owns_values:
-            draw_values_(self.values.weight, cfg.v_dim or self.output_dim, self.value_columns)
+            draw_values_(self.values.weight, self.values.embedding_dim, self.value_columns)
 
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """(N, input_dim) -> (N, heads, k_dim): the query network, its norm included."""
